@@ -1,0 +1,271 @@
+"""The decorator users touch: `auto_parallel`, and the helpers around a planned step."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from meshplan.costmodel import Cluster
+from meshplan.ir import Graph, default_roles, trace
+from meshplan.planner import Constraints, Cost, Plan, SearchOptions, search
+from meshplan.planner._search import estimate_plan, graph_fingerprint
+
+# The hand rules every plan is compared with (and `baselines` returns), as constraints of
+# the same search: each fixes the mesh and the argument layouts the rule prescribes, and
+# the solver only propagates layouts through the step as the rule would.
+def baseline_constraints(cluster: Cluster) -> dict[str, Constraints]:
+    """dp, fsdp and megatron (tp inside a node, dp across) for `cluster`."""
+    n = cluster.num_devices
+    per_node = max(len(cluster.devices_of_node(k)) for k in range(cluster.num_nodes))
+    tp = int(np.gcd(n, per_node))
+    return {
+        "dp": Constraints(dp=n, zero=0),
+        "fsdp": Constraints(dp=n, zero=3),
+        "megatron": Constraints(tp=tp, dp=n // tp, zero=0, tp_params=True),
+    }
+
+
+@dataclasses.dataclass
+class _Traced:
+    graph: Graph
+    in_treedef: Any
+    out_treedef: Any
+    pairs: dict[int, int]
+    donated: frozenset[int]
+
+
+def _signature(args) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    return (treedef, tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x))))
+                           for x in leaves))
+
+
+def _pairs(graph: Graph, args, out_shape, roles) -> dict[int, int]:
+    """Input value -> output value that replaces it (same subtree shapes, e.g. new params)."""
+    outs = out_shape if isinstance(out_shape, (tuple, list)) else (out_shape,)
+    offsets, k = [], 0
+    for o in outs:
+        offsets.append(k)
+        k += len(jax.tree_util.tree_leaves(o))
+    in_offsets, k = [], 0
+    for a in args:
+        in_offsets.append(k)
+        k += len(jax.tree_util.tree_leaves(a))
+    pairs: dict[int, int] = {}
+    used = set()
+    for oi, o in enumerate(outs):
+        sig = _signature(o)
+        for ai, a in enumerate(args):
+            if ai in used or roles[ai] == "data" or _signature(a) != sig:
+                continue
+            used.add(ai)
+            n = len(jax.tree_util.tree_leaves(o))
+            for j in range(n):
+                pairs[graph.inputs[in_offsets[ai] + j]] = graph.outputs[offsets[oi] + j]
+            break
+    return pairs
+
+
+class AutoParallel:
+    """A step function that plans itself on first call (per argument signature).
+
+    Made by `auto_parallel`; see there for an example.
+    """
+
+    def __init__(self, fn: Callable, *, cluster: Cluster | None = None,
+                 donate_argnums: Sequence[int] = (), static_argnums: Sequence[int] = (),
+                 memory_limit: float | None = None, constraints: Constraints | None = None,
+                 plan: Plan | None = None, roles: Sequence[str] | None = None,
+                 time_limit: float = 10.0):
+        self.fn = fn
+        self._cluster = cluster
+        self.donate_argnums = tuple(donate_argnums)
+        self.static_argnums = tuple(static_argnums)
+        self.constraints = constraints or Constraints()
+        self.options = SearchOptions(memory_limit=memory_limit, time_limit=time_limit)
+        self.roles = roles
+        self._fixed_plan = plan
+        self._traced: dict[tuple, _Traced] = {}
+        self._plans: dict[tuple, Plan] = {}
+        self._compiled: dict[tuple, Any] = {}
+        functools.update_wrapper(self, fn)
+
+    @property
+    def cluster(self) -> Cluster:
+        if self._cluster is None:
+            self._cluster = Cluster.local()
+        return self._cluster
+
+    # ------------------------------------------------------------------ tracing
+
+    def _split(self, args):
+        """(dynamic args, bound function) with static arguments closed over."""
+        if not self.static_argnums:
+            return tuple(args), self.fn
+        static = {i: args[i] for i in self.static_argnums}
+        dyn = tuple(a for i, a in enumerate(args) if i not in static)
+
+        def bound(*d):
+            it = iter(d)
+            full = [static[i] if i in static else next(it) for i in range(len(args))]
+            return self.fn(*full)
+
+        return dyn, bound
+
+    def _key(self, args) -> tuple:
+        static = tuple(repr(args[i]) for i in self.static_argnums)
+        dyn, _ = self._split(args)
+        return (_signature(dyn), static)
+
+    def trace(self, *args) -> _Traced:
+        """The traced Graph of the step for these arguments (cached per signature)."""
+        key = self._key(args)
+        if key not in self._traced:
+            dyn, fn = self._split(args)
+            roles = tuple(self.roles) if self.roles else default_roles(len(dyn))
+            graph = trace(fn, *dyn, roles=roles)
+            out_shape = jax.eval_shape(fn, *dyn)
+            pairs = _pairs(graph, dyn, out_shape, roles)
+            dyn_donate = self._dynamic_donate(len(args))
+            donated = frozenset(i.value for i in graph.input_info if i.arg_index in dyn_donate)
+            self._traced[key] = _Traced(graph, jax.tree_util.tree_structure(dyn),
+                                        jax.tree_util.tree_structure(out_shape), pairs, donated)
+        return self._traced[key]
+
+    def _dynamic_donate(self, nargs: int) -> set[int]:
+        """Donated argument positions counted among the dynamic arguments."""
+        dyn_index = [i for i in range(nargs) if i not in self.static_argnums]
+        return {dyn_index.index(i) for i in self.donate_argnums if i in dyn_index}
+
+    # ------------------------------------------------------------------ planning
+
+    def plan(self, *args, constraints: Constraints | None = None, cluster: Cluster | None = None,
+             compare_baselines: bool = True, progress: Callable[[str], None] | None = None
+             ) -> Plan:
+        """Plan the step for these arguments (arrays or ShapeDtypeStructs) without running it.
+
+        >>> # plan = train_step.plan(params, opt_state, batch, constraints=mp.Constraints(tp=4))
+        """
+        if self._fixed_plan is not None and constraints is None and cluster is None:
+            return self._check_fixed(args)
+        t = self.trace(*args)
+        cluster = cluster or self.cluster
+        c = constraints or self.constraints
+        key = (self._key(args), c, cluster.fingerprint(), compare_baselines)
+        if key not in self._plans:
+            bases = baseline_constraints(cluster) if compare_baselines else None
+            self._plans[key] = search(t.graph, cluster, c, self.options, pairs=t.pairs,
+                                      donated=t.donated, out_values=t.graph.outputs,
+                                      in_treedef=t.in_treedef, out_treedef=t.out_treedef,
+                                      baselines=bases, progress=progress)
+        return self._plans[key]
+
+    def _check_fixed(self, args) -> Plan:
+        """Refuse a saved plan made for another model, other shapes or another cluster."""
+        plan = self._fixed_plan
+        t = self.trace(*args)
+        fp = graph_fingerprint(t.graph)
+        if fp != plan.graph_fingerprint:
+            raise ValueError(
+                "this plan was made for another model or other argument shapes (graph "
+                f"fingerprint {plan.graph_fingerprint[:12]}..., this step traces to "
+                f"{fp[:12]}...); plan again with train_step.plan(*args).")
+        if len(t.graph.inputs) != len(plan.in_layouts):
+            raise ValueError(f"this plan has {len(plan.in_layouts)} argument layouts but the "
+                             f"step takes {len(t.graph.inputs)} arrays; plan again.")
+        if self._cluster is not None and self._cluster.fingerprint() != plan.cluster_fingerprint:
+            raise ValueError(
+                f"this plan was made for cluster {plan.cluster_name!r} (fingerprint "
+                f"{plan.cluster_fingerprint[:12]}...), not for the given cluster "
+                f"{self._cluster.name!r}; plan again for this cluster, or leave cluster= unset "
+                "to run the plan on local devices of the same count.")
+        return plan
+
+    # ------------------------------------------------------------------ running
+
+    def compile(self, *args, plan: Plan | None = None):
+        """The step compiled under its plan: a `jax.stages.Compiled`."""
+        return self._jitted(args, plan).lower(*self._split(args)[0]).compile()
+
+    def _jitted(self, args, plan: Plan | None = None):
+        from meshplan.runtime import build_mesh, interpret
+        plan = plan or self.plan(*args)
+        key = (self._key(args), id(plan))
+        if key not in self._compiled:
+            t = self.trace(*args)
+            mesh = build_mesh(plan)
+            run = interpret(t.graph, plan, mesh)
+            sh = lambda lay: jax.sharding.NamedSharding(mesh, _spec(lay, plan))
+            in_sh = jax.tree_util.tree_unflatten(t.in_treedef, [sh(l) for l in plan.in_layouts])
+            out_sh = jax.tree_util.tree_unflatten(t.out_treedef,
+                                                  [sh(l) for l in plan.out_layouts])
+            out_treedef = t.out_treedef
+
+            def step(*dyn):
+                outs = run(*jax.tree_util.tree_leaves(dyn))
+                return jax.tree_util.tree_unflatten(out_treedef, outs)
+
+            self._compiled[key] = jax.jit(step, in_shardings=tuple(in_sh),
+                                          out_shardings=out_sh,
+                                          donate_argnums=tuple(sorted(
+                                              self._dynamic_donate(len(args)))))
+        return self._compiled[key]
+
+    def __call__(self, *args):
+        dyn, _ = self._split(args)
+        return self._jitted(args)(*dyn)
+
+
+def _spec(layout, plan: Plan):
+    from meshplan.planner import spec_of
+    return spec_of(layout, plan.axis_names)
+
+
+def auto_parallel(fn: Callable | None = None, **kwargs):
+    """Decorate a step so meshplan plans and applies its parallelisation.
+
+    Keyword arguments: cluster (default `Cluster.local()`), donate_argnums, static_argnums,
+    memory_limit (bytes per device), constraints (`Constraints`), plan (a saved `Plan` to
+    apply without solving), roles (role per argument: "param", "opt_state", "data"),
+    time_limit (seconds per ILP solve).
+
+    Example:
+        >>> import meshplan as mp
+        >>> @mp.auto_parallel
+        ... def train_step(params, opt_state, batch):
+        ...     ...
+        >>> # plan = train_step.plan(params, opt_state, batch); print(plan.summary())
+        >>> # params, opt_state, loss = train_step(params, opt_state, batch)
+    """
+    if fn is None:
+        return lambda f: AutoParallel(f, **kwargs)
+    return AutoParallel(fn, **kwargs)
+
+
+def _as_step(step) -> AutoParallel:
+    return step if isinstance(step, AutoParallel) else AutoParallel(step)
+
+
+def baselines(step, *args, cluster: Cluster | None = None) -> dict[str, Plan]:
+    """The hand rules (dp, fsdp, megatron) as plans, costed by the same model.
+
+    >>> # {name: p.cost.step_time for name, p in mp.baselines(train_step, *args).items()}
+    """
+    step = _as_step(step)
+    cluster = cluster or step.cluster
+    return {name: step.plan(*args, constraints=c, cluster=cluster, compare_baselines=False)
+            for name, c in baseline_constraints(cluster).items()}
+
+
+def estimate(step, plan: Plan, *args, cluster: Cluster | None = None) -> Cost:
+    """Re-cost a fixed plan (same mesh, placement and layouts) on another cluster.
+
+    >>> # mp.estimate(train_step, plan, *args, cluster=mp.clusters.dgx_h100()).step_time
+    """
+    step = _as_step(step)
+    t = step.trace(*args)
+    return estimate_plan(t.graph, plan, cluster or step.cluster, step.options, pairs=t.pairs,
+                         donated=t.donated)

@@ -1,0 +1,114 @@
+"""Exact cost of one chosen solution: what `plan.cost` reports and baselines are judged by."""
+from __future__ import annotations
+
+import dataclasses
+
+from meshplan.planner._layout import Comm, Layout, reshard
+from meshplan.planner._memory import Liveness, MemoryBreakdown, memory
+from meshplan.planner._problem import Problem
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Predicted cost of a plan per device per step.
+
+    Attributes:
+      step_time: seconds, compute plus collectives (no overlap assumed).
+      flops: FLOPs per device per step.
+      comm_bytes: bytes each device sends per step (ring definition, see DESIGN.md).
+      peak_memory: bytes per device: argument + output + temp - alias.
+      breakdown: (name, seconds) pairs: "compute", one entry per collective kind, one per
+        mesh axis ("axis:tp"), and "reshard" for layout changes between ops.
+      memory: (name, bytes) pairs: argument, output, temp, alias.
+      comm_by_kind: (kind, bytes sent per device) pairs.
+    """
+
+    step_time: float
+    flops: float
+    comm_bytes: float
+    peak_memory: float
+    breakdown: tuple[tuple[str, float], ...] = ()
+    memory: tuple[tuple[str, float], ...] = ()
+    comm_by_kind: tuple[tuple[str, float], ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"step_time": self.step_time, "flops": self.flops,
+                "comm_bytes": self.comm_bytes, "peak_memory": self.peak_memory,
+                "breakdown": dict(self.breakdown), "memory": dict(self.memory),
+                "comm_by_kind": dict(self.comm_by_kind)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Cost":
+        return cls(float(d["step_time"]), float(d["flops"]), float(d["comm_bytes"]),
+                   float(d["peak_memory"]), tuple(d.get("breakdown", {}).items()),
+                   tuple(d.get("memory", {}).items()), tuple(d.get("comm_by_kind", {}).items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    """Layouts of every value and of every op's operands under one solution."""
+
+    value_layout: dict[int, Layout]
+    op_layouts: dict[int, tuple[tuple[Layout, ...], tuple[Layout, ...]]]  # op id -> (ins, outs)
+
+
+def assign(problem: Problem, choice) -> Assignment:
+    """Spread each class's strategy to all its groups' values and ops."""
+    value_layout: dict[int, Layout] = {}
+    op_layouts = {}
+    for g in problem.groups:
+        strat = problem.strategies[g.cls][choice[g.cls]]
+        for v, lay in zip(g.produced, strat.produced):
+            value_layout[v] = lay
+        for op, lays in zip(g.members, strat.ops):
+            op_layouts[op.id] = lays
+    return Assignment(value_layout, op_layouts)
+
+
+def evaluate(problem: Problem, choice, live: Liveness, aliased: frozenset[int] = frozenset(),
+             axis_names: tuple[str, ...] | None = None) -> tuple[Cost, Assignment]:
+    """Cost of `choice`: strategies' own costs plus resharding, each distinct reshard once."""
+    a = assign(problem, choice)
+    mesh_shape = problem.mesh_shape
+    comm = problem.comm
+    names = axis_names or tuple(f"axis{i}" for i in range(len(mesh_shape)))
+    compute = 0.0
+    flops = 0.0
+    comms: list[tuple[Comm, int, str]] = []
+    for g in problem.groups:
+        strat = problem.strategies[g.cls][choice[g.cls]]
+        flops += strat.flops
+        own = sum(m * comm.time(c.kind, c.nbytes, c.axes) for c, m in strat.comms)
+        compute += strat.time - own
+        comms += [(c, m, "collective") for c, m in strat.comms]
+    seen: set = set()
+    for g in problem.groups:
+        strat = problem.strategies[g.cls][choice[g.cls]]
+        for (mi, k, v, mult), want in zip(g.slots, strat.slots):
+            have = a.value_layout[v]
+            # XLA computes a resharded value once however many ops read it.
+            key = (v, want, g.members[mi].mult if k >= 0 else mult)
+            if have == want or key in seen:
+                continue
+            seen.add(key)
+            comms += [(c, mult, "reshard") for c in reshard(problem.view.values[v].nbytes,
+                                                            have, want, mesh_shape)]
+    breakdown: dict[str, float] = {"compute": compute}
+    by_kind: dict[str, float] = {}
+    sent = 0.0
+    for c, mult, origin in comms:
+        t = mult * comm.time(c.kind, c.nbytes, c.axes)
+        b = mult * c.bytes_sent(mesh_shape)
+        breakdown[c.kind] = breakdown.get(c.kind, 0.0) + t
+        axis = "axis:" + "+".join(names[x] for x in c.axes)
+        breakdown[axis] = breakdown.get(axis, 0.0) + t
+        if origin == "reshard":
+            breakdown["reshard"] = breakdown.get("reshard", 0.0) + t
+        by_kind[c.kind] = by_kind.get(c.kind, 0.0) + b
+        sent += b
+    mem: MemoryBreakdown = memory(problem.view, live, a.value_layout, mesh_shape, aliased)
+    step = compute + sum(mult * comm.time(c.kind, c.nbytes, c.axes) for c, mult, _ in comms)
+    cost = Cost(step, flops, sent, mem.peak, tuple(breakdown.items()),
+                (("argument", mem.argument), ("output", mem.output), ("temp", mem.temp),
+                 ("alias", mem.alias)), tuple(by_kind.items()))
+    return cost, a

@@ -1,0 +1,337 @@
+"""Plan, Constraints and Stage: the planner's typed, JSON-serialisable results."""
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+from typing import Any
+
+import numpy as np
+
+from meshplan.planner._evaluate import Cost
+from meshplan.planner._layout import Layout
+
+PLAN_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraints:
+    """Pin any subset of the plan; the solver fills in the rest.
+
+    Attributes:
+      tp: tensor-parallel degree: a mesh axis "tp" that never splits the batch of the data.
+      dp: data-parallel degree: a mesh axis "dp" that splits the batch of the data.
+      mesh_shape: the logical mesh shape (with tp/dp, must agree with them).
+      zero: ZeRO stage over the dp axis. 0: parameters and optimizer state replicated over
+        dp; 1: optimizer state sharded over dp; 3: parameters too (FSDP).
+      tp_params: every parameter of rank >= 2 must be split over "tp" (Megatron's rule).
+      pp, num_microbatches, schedule, virtual_stages, remat: pipeline settings; pipelines
+        are not planned yet, so only pp=1 is accepted.
+
+    >>> Constraints(tp=4, dp=2)
+    Constraints(tp=4, dp=2, mesh_shape=None, zero=None, tp_params=None, pp=None, num_microbatches=None, schedule=None, virtual_stages=None, remat=None)
+    """
+
+    tp: int | None = None
+    dp: int | None = None
+    mesh_shape: tuple[int, ...] | None = None
+    zero: int | None = None
+    tp_params: bool | None = None
+    pp: int | None = None
+    num_microbatches: int | None = None
+    schedule: str | None = None
+    virtual_stages: int | None = None
+    remat: str | None = None
+
+    def __post_init__(self):
+        for name in ("tp", "dp", "pp", "num_microbatches", "virtual_stages"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
+                raise ValueError(f"Constraints.{name} must be a positive int; got {v!r}")
+        if self.zero not in (None, 0, 1, 3):
+            raise ValueError(f"Constraints.zero must be 0, 1 or 3 (ZeRO stage); got {self.zero!r}")
+        if self.pp not in (None, 1) or self.num_microbatches not in (None, 1) \
+                or self.schedule is not None or self.virtual_stages not in (None, 1) \
+                or self.remat not in (None, "none"):
+            raise NotImplementedError(
+                "pipeline parallelism and rematerialisation choices (pp, num_microbatches, "
+                "schedule, virtual_stages, remat) are not planned by this version; leave them "
+                "unset or pp=1.")
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: layers [first, last+1), its devices and mesh shape."""
+
+    layers: tuple[int, int]
+    device_ids: tuple[int, ...]
+    mesh_shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Alternative:
+    """Another plan the search costed: its name, mesh and predicted cost."""
+
+    name: str
+    mesh_shape: tuple[int, ...]
+    axis_names: tuple[str, ...]
+    cost: Cost
+
+
+def spec_of(layout: Layout, axis_names: tuple[str, ...]):
+    """A Layout as a jax.sharding.PartitionSpec with the mesh's axis names."""
+    from jax.sharding import PartitionSpec
+
+    entries = []
+    for axes in layout:
+        if not axes:
+            entries.append(None)
+        elif len(axes) == 1:
+            entries.append(axis_names[axes[0]])
+        else:
+            entries.append(tuple(axis_names[a] for a in axes))
+    while entries and entries[-1] is None:
+        entries.pop()
+    return PartitionSpec(*entries)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A parallel plan: logical mesh, device placement, layouts, and its predicted cost.
+
+    `value_layouts` and `op_inputs` are what the runtime pins (keyed by the ids of the traced
+    graph, which tracing the same step with the same argument shapes reproduces);
+    `in_shardings`/`out_shardings` are PartitionSpec pytrees shaped like the arguments and
+    results.
+
+    >>> # plan = train_step.plan(params, opt_state, batch)
+    >>> # print(plan.summary()); plan.cost.step_time; plan.in_shardings
+    """
+
+    mesh_shape: tuple[int, ...]
+    axis_names: tuple[str, ...]
+    device_order: tuple[int, ...]
+    in_layouts: tuple[Layout, ...]  # per flattened argument leaf
+    out_layouts: tuple[Layout, ...]  # per flattened result leaf
+    in_treedef: Any
+    out_treedef: Any
+    cost: Cost
+    value_layouts: dict[int, Layout]
+    op_inputs: dict[int, tuple[Layout | None, ...]]
+    graph_fingerprint: str
+    cluster_fingerprint: str
+    cluster_name: str
+    stages: tuple[Stage, ...] = ()
+    alternatives: tuple[Alternative, ...] = ()
+    baselines: tuple[Alternative, ...] = ()
+    solver: tuple[tuple[str, Any], ...] = ()
+    unknown_primitives: tuple[str, ...] = ()
+    input_paths: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def device_ids(self) -> np.ndarray:
+        """Physical device ids laid out in the mesh's shape."""
+        return np.asarray(self.device_order).reshape(self.mesh_shape)
+
+    @property
+    def in_shardings(self):
+        """PartitionSpec pytree, same structure as the step's arguments."""
+        import jax
+        return jax.tree_util.tree_unflatten(
+            self.in_treedef, [spec_of(l, self.axis_names) for l in self.in_layouts])
+
+    @property
+    def out_shardings(self):
+        """PartitionSpec pytree, same structure as the step's results."""
+        import jax
+        return jax.tree_util.tree_unflatten(
+            self.out_treedef, [spec_of(l, self.axis_names) for l in self.out_layouts])
+
+    # ---------------------------------------------------------------- presentation
+
+    def _rows(self):
+        rows = [("meshplan (this plan)", self.mesh_shape, self.axis_names, self.cost)]
+        rows += [(a.name, a.mesh_shape, a.axis_names, a.cost) for a in self.alternatives]
+        rows += [("baseline: " + b.name, b.mesh_shape, b.axis_names, b.cost)
+                 for b in self.baselines]
+        return rows
+
+    def summary(self) -> str:
+        """A readable account: mesh, placement, argument layouts, cost, alternatives."""
+        mesh = " x ".join(f"{n}={s}" for n, s in zip(self.axis_names, self.mesh_shape))
+        lines = [f"Plan on {self.cluster_name}: mesh {mesh}",
+                 f"  devices: {self.device_ids.tolist()}",
+                 f"  predicted step time {self.cost.step_time * 1e3:.3f} ms, "
+                 f"{self.cost.flops:.3e} FLOPs/device, {self.cost.comm_bytes / 2**20:.2f} MiB "
+                 f"sent/device, peak memory {self.cost.peak_memory / 2**20:.1f} MiB/device",
+                 "  time breakdown: " + ", ".join(f"{k} {v * 1e3:.3f} ms"
+                                                  for k, v in self.cost.breakdown if v > 0)]
+        if self.solver:
+            lines.append("  solver: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self.solver))
+        lines.append("  argument layouts:")
+        shown = list(zip(self.input_paths, self.in_layouts))
+        for path, lay in shown[:40]:
+            lines.append(f"    {path}: {spec_of(lay, self.axis_names)}")
+        if len(shown) > 40:
+            lines.append(f"    ... {len(shown) - 40} more")
+        lines.append("  compared (predicted step time, comm, memory):")
+        for name, shape, names, cost in self._rows():
+            m = "x".join(f"{n}{s}" for n, s in zip(names, shape))
+            lines.append(f"    {name:<28} {m:<12} {cost.step_time * 1e3:10.3f} ms "
+                         f"{cost.comm_bytes / 2**20:10.2f} MiB {cost.peak_memory / 2**20:10.1f} MiB")
+        if self.unknown_primitives:
+            lines.append("  replicated, semantics unknown: " + ", ".join(self.unknown_primitives))
+        lines += ["  note: " + n for n in self.notes]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        head = "<tr><th>plan</th><th>mesh</th><th>step time (ms)</th><th>comm (MiB)</th>" \
+               "<th>peak memory (MiB)</th></tr>"
+        body = "".join(
+            f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(dict(zip(names, shape))))}"
+            f"</td><td>{cost.step_time * 1e3:.3f}</td><td>{cost.comm_bytes / 2**20:.2f}</td>"
+            f"<td>{cost.peak_memory / 2**20:.1f}</td></tr>"
+            for name, shape, names, cost in self._rows())
+        return (f"<pre>{html.escape(self.summary())}</pre>"
+                f"<table>{head}{body}</table>")
+
+    def __repr__(self) -> str:
+        return (f"Plan(mesh={dict(zip(self.axis_names, self.mesh_shape))}, "
+                f"step_time={self.cost.step_time:.3e}s, cluster={self.cluster_name!r})")
+
+    # ---------------------------------------------------------------- JSON
+
+    def to_json(self) -> str:
+        """The plan as JSON (never pickle); `Plan.from_json` reads it back."""
+        import jax
+        doc = {
+            "format": PLAN_FORMAT,
+            "mesh_shape": list(self.mesh_shape),
+            "axis_names": list(self.axis_names),
+            "device_order": list(self.device_order),
+            "in_layouts": [_lay_json(l) for l in self.in_layouts],
+            "out_layouts": [_lay_json(l) for l in self.out_layouts],
+            "in_tree": _treedef_json(self.in_treedef, len(self.in_layouts)),
+            "out_tree": _treedef_json(self.out_treedef, len(self.out_layouts)),
+            "cost": self.cost.to_dict(),
+            "value_layouts": {str(k): _lay_json(v) for k, v in self.value_layouts.items()},
+            "op_inputs": {str(k): [None if l is None else _lay_json(l) for l in v]
+                          for k, v in self.op_inputs.items()},
+            "graph_fingerprint": self.graph_fingerprint,
+            "cluster_fingerprint": self.cluster_fingerprint,
+            "cluster_name": self.cluster_name,
+            "stages": [dataclasses.asdict(s) for s in self.stages],
+            "alternatives": [_alt_json(a) for a in self.alternatives],
+            "baselines": [_alt_json(a) for a in self.baselines],
+            "solver": {k: _fmt(v) for k, v in self.solver},
+            "unknown_primitives": list(self.unknown_primitives),
+            "input_paths": list(self.input_paths),
+            "notes": list(self.notes),
+        }
+        del jax
+        return json.dumps(doc, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        """Read a plan written by `to_json`; errors name the missing or malformed field."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"plan file is not valid JSON: {e}") from None
+        if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
+            raise ValueError(f"not a meshplan plan file of format {PLAN_FORMAT} "
+                             f"(got format={d.get('format') if isinstance(d, dict) else None!r})")
+        try:
+            return cls(
+                mesh_shape=tuple(int(x) for x in d["mesh_shape"]),
+                axis_names=tuple(str(x) for x in d["axis_names"]),
+                device_order=tuple(int(x) for x in d["device_order"]),
+                in_layouts=tuple(_lay_from(l) for l in d["in_layouts"]),
+                out_layouts=tuple(_lay_from(l) for l in d["out_layouts"]),
+                in_treedef=_treedef_from(d["in_tree"]),
+                out_treedef=_treedef_from(d["out_tree"]),
+                cost=Cost.from_dict(d["cost"]),
+                value_layouts={int(k): _lay_from(v) for k, v in d["value_layouts"].items()},
+                op_inputs={int(k): tuple(None if l is None else _lay_from(l) for l in v)
+                           for k, v in d["op_inputs"].items()},
+                graph_fingerprint=str(d["graph_fingerprint"]),
+                cluster_fingerprint=str(d["cluster_fingerprint"]),
+                cluster_name=str(d["cluster_name"]),
+                stages=tuple(Stage(tuple(s["layers"]), tuple(s["device_ids"]),
+                                   tuple(s["mesh_shape"])) for s in d.get("stages", [])),
+                alternatives=tuple(_alt_from(a) for a in d.get("alternatives", [])),
+                baselines=tuple(_alt_from(a) for a in d.get("baselines", [])),
+                solver=tuple(d.get("solver", {}).items()),
+                unknown_primitives=tuple(d.get("unknown_primitives", [])),
+                input_paths=tuple(d.get("input_paths", [])),
+                notes=tuple(d.get("notes", [])),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"plan file has a missing or malformed field: {e!r}") from None
+
+
+def _fmt(v):
+    return round(v, 6) if isinstance(v, float) else v
+
+
+def _lay_json(layout: Layout) -> list:
+    return [list(axes) for axes in layout]
+
+
+def _lay_from(x) -> Layout:
+    return tuple(tuple(int(a) for a in axes) for axes in x)
+
+
+def _alt_json(a: Alternative) -> dict:
+    return {"name": a.name, "mesh_shape": list(a.mesh_shape), "axis_names": list(a.axis_names),
+            "cost": a.cost.to_dict()}
+
+
+def _alt_from(d) -> Alternative:
+    return Alternative(d["name"], tuple(d["mesh_shape"]), tuple(d["axis_names"]),
+                       Cost.from_dict(d["cost"]))
+
+
+def _treedef_json(treedef, n: int):
+    """A treedef as a JSON skeleton: the pytree with leaf positions as integers."""
+    import jax
+    return _to_jsonable(jax.tree_util.tree_unflatten(treedef, list(range(n))))
+
+
+def _to_jsonable(tree):
+    if isinstance(tree, dict):
+        return {"dict": [[str(k), _to_jsonable(v)] for k, v in tree.items()]}
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        return {"list" if isinstance(tree, list) else "tuple": [_to_jsonable(v) for v in tree]}
+    if isinstance(tree, int):
+        return tree
+    if tree is None:
+        return {"none": None}
+    # Other pytree nodes (NamedTuples, optax states, nnx State): keep the leaf order only.
+    import jax
+    leaves = jax.tree_util.tree_leaves(tree)
+    return {"opaque": [_to_jsonable(v) for v in leaves]}
+
+
+def _from_jsonable(x):
+    if isinstance(x, int):
+        return x
+    (kind, v), = x.items()
+    if kind == "dict":
+        return {k: _from_jsonable(e) for k, e in v}
+    if kind == "list":
+        return [_from_jsonable(e) for e in v]
+    if kind == "tuple":
+        return tuple(_from_jsonable(e) for e in v)
+    if kind == "none":
+        return None
+    return tuple(_from_jsonable(e) for e in v)  # opaque: a flat tuple keeps the leaf order
+
+
+def _treedef_from(x):
+    import jax
+    return jax.tree_util.tree_structure(_from_jsonable(x))

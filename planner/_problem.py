@@ -1,0 +1,370 @@
+"""From a planning view to an optimisation problem: groups, classes, strategies, edges.
+
+* A *group* is a leader (an input, a matmul/conv/gather/scatter, or an op that cannot
+  follow) plus its followers: elementwise, reshape, reduction ... ops whose layout is
+  decided by their main operand. Only leaders carry decision variables.
+* A *class* is a set of structurally identical groups (the same op sequence, shapes and
+  neighbourhood: the same sublayer in repeated layers). A class is costed once and shares
+  one choice: a 96-layer model has about as many classes as a 2-layer one.
+* An *edge* joins a producer class to a consumer class: resharding cost for every pair of
+  their strategies.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from typing import Callable
+
+import numpy as np
+
+from meshplan.costmodel import Efficiency, op_time
+from meshplan.planner._layout import Comm, Layout, replicated, reshard, shards
+from meshplan.planner._mesh import CommModel
+from meshplan.planner._ops import LEADER_PRIMITIVES, POp, PlanningView
+from meshplan.planner._strategies import (OpChoice, apply_loops, follower_loops,
+                                          layout_choices, leader_choices)
+
+_MATMUL = frozenset({"dot_general", "conv_general_dilated"})
+
+
+@dataclasses.dataclass(eq=False)
+class Group:
+    """A leader and its followers; `produced` values get their layout from this group."""
+
+    id: int
+    kind: str  # "input", "leader", "fixed"
+    members: list[POp]
+    produced: list[int] = dataclasses.field(default_factory=list)
+    # External reads: (member index, operand index or -1 for an input's slot, value, mult).
+    slots: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
+    cls: int = -1
+
+    @property
+    def leader(self) -> POp:
+        return self.members[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupStrategy:
+    """One choice for a group: layouts of produced values and of external reads, costs."""
+
+    produced: tuple[Layout, ...]
+    slots: tuple[Layout, ...]
+    ops: tuple[tuple[tuple[Layout, ...], tuple[Layout, ...]], ...]  # per member (ins, outs)
+    time: float  # seconds per step: compute and own collectives, times multiplicity
+    flops: float  # per device per step
+    comms: tuple[tuple[Comm, int], ...]  # (collective, executions per step)
+
+
+@dataclasses.dataclass
+class Edge:
+    """Resharding cost between two classes for one value slot.
+
+    The cost only depends on the producer's layout of the value and the layout the consumer
+    wants, so it is stored over layout ids (small) with a strategy -> layout-id map per side.
+    """
+
+    src: int
+    dst: int
+    src_keys: np.ndarray  # src strategy -> layout id
+    dst_keys: np.ndarray  # dst strategy -> layout id
+    cost: np.ndarray  # [src layout id, dst layout id], seconds per step
+
+    def matrix(self) -> np.ndarray:
+        """[src strategy, dst strategy] -> seconds."""
+        return self.cost[np.ix_(self.src_keys, self.dst_keys)]
+
+
+@dataclasses.dataclass
+class Problem:
+    groups: list[Group]
+    classes: list[list[int]]  # class id -> group ids
+    strategies: list[list[GroupStrategy]]  # class id -> strategies
+    edges: list[Edge]
+    self_cost: list[np.ndarray]  # class id -> extra cost on the diagonal (self edges)
+    group_of_value: dict[int, int]
+    view: PlanningView
+    mesh_shape: tuple[int, ...]
+    comm: CommModel
+
+    def class_size(self, c: int) -> int:
+        return len(self.classes[c])
+
+
+# --------------------------------------------------------------------------- grouping
+
+
+def _is_const(view: PlanningView, v: int) -> bool:
+    return view.values[v].is_const
+
+
+def build_groups(view: PlanningView) -> tuple[list[Group], dict[int, int]]:
+    """Assign every op to a group; followers join the group of their main operand."""
+    groups: list[Group] = []
+    group_of_value: dict[int, int] = {}
+
+    def new_group(kind, op) -> Group:
+        g = Group(len(groups), kind, [op])
+        groups.append(g)
+        return g
+
+    for op in view.ops:
+        main = _main_operand(op, view, groups, group_of_value)
+        if op.kind == "input":
+            g = new_group("input", op)
+        elif op.kind == "opaque":
+            g = new_group("fixed", op)
+        elif op.prim in LEADER_PRIMITIVES:
+            g = new_group("leader", op)
+        elif main is None:
+            g = new_group("fixed", op)
+        else:
+            g = groups[group_of_value[op.inputs[main]]]
+            if main != op.dims.main:
+                op.dims = dataclasses.replace(op.dims, main=main)
+            g.members.append(op)
+        for v in op.outputs:
+            group_of_value[v] = g.id
+            g.produced.append(v)
+    for g in groups:
+        for mi, op in enumerate(g.members):
+            if op.kind == "input":
+                # Even when the slot's value is made inside this group (a parameter's update
+                # follows the parameter), its layout may differ: a self edge charges that.
+                g.slots += [(mi, -1, s.value, s.mult) for s in op.slots
+                            if not _is_const(view, s.value)]
+                continue
+            for k, v in enumerate(op.inputs):
+                if _is_const(view, v) or group_of_value.get(v, g.id) == g.id:
+                    continue
+                g.slots.append((mi, k, v, op.mult))
+    return groups, group_of_value
+
+
+def _main_operand(op: POp, view, groups, group_of_value) -> int | None:
+    """The operand a follower inherits its layout from: prefer one that is not fixed."""
+    if op.kind != "op" or op.dims is None or op.dims.main is None:
+        return None
+    candidates = [op.dims.main] + [i for i, arr in enumerate(op.dims.operands)
+                                   if arr is not None and i != op.dims.main]
+    candidates = [i for i in candidates if not _is_const(view, op.inputs[i])
+                  and op.inputs[i] in group_of_value
+                  and len(view.values[op.inputs[i]].shape) == len(op.dims.operands[i] or ())]
+    for i in candidates:
+        if groups[group_of_value[op.inputs[i]]].kind != "fixed":
+            return i
+    return candidates[0] if candidates else None
+
+
+# --------------------------------------------------------------------------- classes
+
+
+def _wl_hashes(view: PlanningView, rounds: int = 3) -> dict[int, str]:
+    """Weisfeiler-Lehman hashes of ops: equal for the same sublayer in repeated layers."""
+    prod = view.producer()
+    cons: dict[int, list[POp]] = {}
+    for op in view.ops:
+        for v in op.inputs:
+            cons.setdefault(v, []).append(op)
+    h = {op.id: _digest(repr(op.sig)) for op in view.ops}
+    for _ in range(rounds):
+        new = {}
+        for op in view.ops:
+            ins = tuple(h[prod[v].id] if v in prod else "c" for v in op.inputs)
+            outs = tuple(sorted(h[c.id] for v in op.outputs for c in cons.get(v, ())))
+            new[op.id] = _digest(repr((h[op.id], ins, outs)))
+        h = new
+    return h
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def group_classes(groups: list[Group], view: PlanningView, tie: bool) -> list[list[int]]:
+    """Partition groups into classes of identical structure (singletons when tie=False)."""
+    if not tie:
+        for g in groups:
+            g.cls = g.id
+        return [[g.id] for g in groups]
+    h = _wl_hashes(view)
+    keys: dict[tuple, int] = {}
+    classes: list[list[int]] = []
+    for g in groups:
+        pos = {v: i for i, v in enumerate(g.produced)}
+        wiring = tuple((h[m.id], tuple(pos.get(v, -1) for v in m.inputs), m.mult)
+                       for m in g.members)
+        key = (g.kind, wiring, tuple((k, s[1], s[3]) for k, s in enumerate(g.slots)))
+        if key not in keys:
+            keys[key] = len(classes)
+            classes.append([])
+        g.cls = keys[key]
+        classes[g.cls].append(g.id)
+    return classes
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+@dataclasses.dataclass(frozen=True)
+class Restrictions:
+    """What constraints forbid: `allowed(op, dim_or_loop, axis) -> bool` for leaders/inputs."""
+
+    input_layout: Callable[[POp, int, int], bool] | None = None
+    input_required: Callable[[POp, tuple[int, ...]], list[Layout] | None] | None = None
+    loop: Callable[[POp, int, int], bool] | None = None
+
+
+def _shape(view, v):
+    return view.values[v].shape
+
+
+def _nbytes(view, v):
+    return float(view.values[v].nbytes)
+
+
+def _op_cost(op: POp, choice: OpChoice, view, comm: CommModel, device, eff,
+             rs_as_ar: bool) -> tuple[float, float, list[Comm]]:
+    """(seconds, per-device FLOPs, collectives) of one execution of an op under a choice."""
+    flops = op.flops / choice.split
+    nbytes = sum(_nbytes(view, v) for v in op.inputs + op.outputs) / choice.split
+    dtype = view.values[op.outputs[0]].dtype if op.outputs else np.float32
+    t = op_time(flops, nbytes, device, dtype, op.prim in _MATMUL, eff) if flops or nbytes else 0.0
+    comms = [_lowered(c, rs_as_ar) for c in choice.comms]
+    t += sum(comm.time(c.kind, c.nbytes, c.axes) for c in comms)
+    return t, flops, comms
+
+
+def _lowered(c: Comm, rs_as_ar: bool) -> Comm:
+    """XLA:CPU lowers a reduce-scatter to an all-reduce plus a local slice (measured)."""
+    if rs_as_ar and c.kind == "reduce-scatter":
+        return Comm("all-reduce", c.nbytes, c.axes)
+    return c
+
+
+def _fixed_choice(op: POp, view) -> OpChoice:
+    ins = tuple(replicated(len(_shape(view, v))) for v in op.inputs)
+    outs = tuple(replicated(len(_shape(view, v))) for v in op.outputs)
+    loops = tuple(() for _ in (op.dims.loop_sizes if op.dims else ()))
+    return OpChoice(loops, ins, outs, (), 1)
+
+
+def _choice(op: POp, loops, view, mesh_shape, scatter=None) -> OpChoice | None:
+    return apply_loops(op.dims, loops, [_shape(view, v) for v in op.inputs],
+                       [_shape(view, v) for v in op.outputs],
+                       [_nbytes(view, v) for v in op.outputs], mesh_shape, scatter)
+
+
+def group_strategies(g: Group, view: PlanningView, comm: CommModel, mesh_shape, device,
+                     eff: Efficiency, restrict: Restrictions, rs_as_ar: bool
+                     ) -> list[GroupStrategy]:
+    """Every strategy of a group: the leader's choices, followers propagated through each."""
+    lead = g.leader
+    if g.kind == "input":
+        v = lead.outputs[0]
+        pinned = restrict.input_required(lead, _shape(view, v)) if restrict.input_required \
+            else None
+        allowed = (lambda d, a: restrict.input_layout(lead, d, a)) if restrict.input_layout \
+            else None
+        layouts = pinned if pinned is not None else layout_choices(_shape(view, v), mesh_shape,
+                                                                   allowed)
+        heads = [OpChoice((), (), (lay,), (), 1) for lay in layouts]
+    elif g.kind == "fixed":
+        heads = [_fixed_choice(lead, view)]
+    else:
+        allowed = (lambda l, a: restrict.loop(lead, l, a)) if restrict.loop else None
+        heads = leader_choices(lead.dims, [_shape(view, v) for v in lead.inputs],
+                               [_shape(view, v) for v in lead.outputs],
+                               [_nbytes(view, v) for v in lead.outputs], mesh_shape, allowed)
+        if not heads:
+            heads = [_fixed_choice(lead, view)]
+    return [_propagate(g, head, view, comm, device, eff, rs_as_ar, mesh_shape) for head in heads]
+
+
+def _propagate(g: Group, head: OpChoice, view, comm, device, eff, rs_as_ar, mesh_shape
+               ) -> GroupStrategy:
+    layout: dict[int, Layout] = {}
+    ops = []
+    time = flops = 0.0
+    comms: list[tuple[Comm, int]] = []
+    for mi, op in enumerate(g.members):
+        if mi == 0:
+            choice = head
+        else:
+            loops = follower_loops(op.dims, layout[op.inputs[op.dims.main]])
+            choice = _choice(op, loops, view, mesh_shape)
+            if choice is None:  # e.g. a merge that would split a minor dim: gather first
+                choice = _choice(op, tuple(() for _ in op.dims.loop_sizes), view, mesh_shape)
+        for k, v in enumerate(op.inputs):
+            if v in layout and choice.in_layouts[k] != layout[v]:
+                for c in reshard(_nbytes(view, v), layout[v], choice.in_layouts[k], mesh_shape):
+                    time += op.mult * comm.time(c.kind, c.nbytes, c.axes)
+                    comms.append((c, op.mult))
+        if op.kind != "input":
+            t, f, cs = _op_cost(op, choice, view, comm, device, eff, rs_as_ar)
+            time += op.mult * t
+            flops += op.mult * f
+            comms += [(c, op.mult) for c in cs]
+        for v, lay in zip(op.outputs, choice.out_layouts):
+            layout[v] = lay
+        ops.append((choice.in_layouts, choice.out_layouts))
+    slots = []
+    for mi, k, v, _ in g.slots:
+        slots.append(ops[mi][1][0] if k < 0 else ops[mi][0][k])
+    return GroupStrategy(tuple(layout[v] for v in g.produced), tuple(slots), tuple(ops), time,
+                         flops, tuple(comms))
+
+
+# --------------------------------------------------------------------------- problem
+
+
+def build_problem(view: PlanningView, comm: CommModel, device, eff: Efficiency,
+                  restrict: Restrictions = Restrictions(), tie: bool = True,
+                  rs_as_ar: bool = False) -> Problem:
+    """Groups, classes, per-class strategies and resharding edges for one logical mesh."""
+    mesh_shape = comm.mesh.shape
+    groups, group_of_value = build_groups(view)
+    classes = group_classes(groups, view, tie)
+    strategies = [group_strategies(groups[members[0]], view, comm, mesh_shape, device, eff,
+                                   restrict, rs_as_ar) for members in classes]
+    self_cost = [np.zeros(len(s)) for s in strategies]
+    mults: dict[tuple, float] = {}
+    for g in groups:
+        for si, (mi, k, v, mult) in enumerate(g.slots):
+            p = groups[group_of_value[v]]
+            key = (p.cls, g.cls, p.produced.index(v), si)
+            mults[key] = mults.get(key, 0) + mult
+    edges = []
+    for (pc, gc, pi, si), mult in mults.items():
+        v_rep = groups[classes[pc][0]].produced[pi]
+        edge = _edge(pc, gc, strategies[pc], strategies[gc], pi, si,
+                     _nbytes(view, v_rep), mult, comm, mesh_shape)
+        if pc == gc:  # consecutive repeated layers: both ends take the same strategy
+            self_cost[gc] = self_cost[gc] + np.diag(edge.matrix())
+        elif edge.cost.any():
+            edges.append(edge)
+    return Problem(groups, classes, strategies, edges, self_cost, group_of_value, view,
+                   mesh_shape, comm)
+
+
+def reshard_time(nbytes: float, src: Layout, dst: Layout, comm: CommModel,
+                 mesh_shape) -> float:
+    return sum(comm.time(c.kind, c.nbytes, c.axes) for c in reshard(nbytes, src, dst,
+                                                                    mesh_shape))
+
+
+def _edge(pc, gc, src_strats, dst_strats, produced_index, slot_index, nbytes, mult, comm,
+          mesh_shape) -> Edge:
+    """Resharding costs of one value slot between two classes, over distinct layouts."""
+    src_ids: dict[Layout, int] = {}
+    dst_ids: dict[Layout, int] = {}
+    src_keys = np.array([src_ids.setdefault(s.produced[produced_index], len(src_ids))
+                         for s in src_strats], dtype=np.int64)
+    dst_keys = np.array([dst_ids.setdefault(d.slots[slot_index], len(dst_ids))
+                         for d in dst_strats], dtype=np.int64)
+    cost = np.zeros((len(src_ids), len(dst_ids)))
+    for a, i in src_ids.items():
+        for b, j in dst_ids.items():
+            cost[i, j] = mult * reshard_time(nbytes, a, b, comm, mesh_shape)
+    return Edge(pc, gc, src_keys, dst_keys, cost)
