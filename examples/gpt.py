@@ -1,8 +1,11 @@
 """A GPT in flax nnx (Megatron layout), unrolled or with its blocks stacked under `nnx.scan`.
 
-Biases on every linear, two LayerNorms per block, learned position embedding, and an output
-head tied to the token embedding, so the parameter count is exactly the Megatron formula
-`gpt_param_count`. That formula leaves out the final LayerNorm, so ours has no learned scale or
+Biases on every linear but the key projection, two LayerNorms per block, learned position
+embedding, and an output head tied to the token embedding, so the parameter count is the
+Megatron formula `gpt_param_count` less one key bias (h) per layer. A key bias shifts every
+attention score of a query by the same amount, which softmax cancels: its gradient is exactly
+zero and only rounding noise reaches it, which Adam's first step (g / (|g| + eps)) would blow
+up to full-size updates that differ between any two summation orders. That formula leaves out the final LayerNorm, so ours has no learned scale or
 bias. The train step is pure: parameters travel as a plain nested dict of arrays and the model
 is rebuilt with `nnx.merge` inside it.
 """
@@ -33,7 +36,7 @@ class Block(nnx.Module):
         qkv = dict(kernel_shape=(hidden, n, d), bias_shape=(n, d), kernel_init=_INIT, rngs=rngs)
         self.ln1 = nnx.LayerNorm(hidden, epsilon=1e-5, rngs=rngs)
         self.wq = nnx.Einsum("bsh,hnd->bsnd", **qkv)
-        self.wk = nnx.Einsum("bsh,hnd->bsnd", **qkv)
+        self.wk = nnx.Einsum("bsh,hnd->bsnd", **{**qkv, "bias_shape": None})
         self.wv = nnx.Einsum("bsh,hnd->bsnd", **qkv)
         self.wo = nnx.Einsum("bsnd,ndh->bsh", (n, d, hidden), (hidden,), kernel_init=_INIT,
                              rngs=rngs)

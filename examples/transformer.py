@@ -33,7 +33,7 @@ def _init_params(key, *, layers, hidden, heads, vocab, seq):
         "ln1": norm(l),
         "attn": {
             "wq": normal(l, hidden, n, d), "bq": jnp.zeros((l, n, d)),
-            "wk": normal(l, hidden, n, d), "bk": jnp.zeros((l, n, d)),
+            "wk": normal(l, hidden, n, d),  # no key bias: softmax cancels it (see gpt.py)
             "wv": normal(l, hidden, n, d), "bv": jnp.zeros((l, n, d)),
             "wo": normal(l, n, d, hidden), "bo": jnp.zeros((l, hidden)),
         },
@@ -57,7 +57,7 @@ def _layer(x, p):
     a = p["attn"]
     h = layer_norm(x, **p["ln1"])
     q = jnp.einsum("bsh,hnd->bsnd", h, a["wq"]) + a["bq"]
-    k = jnp.einsum("bsh,hnd->bsnd", h, a["wk"]) + a["bk"]
+    k = jnp.einsum("bsh,hnd->bsnd", h, a["wk"])
     v = jnp.einsum("bsh,hnd->bsnd", h, a["wv"]) + a["bv"]
     x = x + jnp.einsum("bsnd,ndh->bsh", causal_attention(q, k, v), a["wo"]) + a["bo"]
     m = p["mlp"]
@@ -80,7 +80,7 @@ def make_transformer_scan(batch: int = 8, seq: int = 32, hidden: int = 64, heads
     """Build the scanned transformer and its AdamW train step.
 
     params: {"embed": [V, h], "pos_embed": [s, h], "layers": {"ln1"/"ln2": {"scale", "bias":
-    [l, h]}, "attn": {"wq"/"wk"/"wv": [l, h, n, d], "bq"/"bk"/"bv": [l, n, d], "wo": [l, n, d, h],
+    [l, h]}, "attn": {"wq"/"wk"/"wv": [l, h, n, d], "bq"/"bv": [l, n, d], "wo": [l, n, d, h],
     "bo": [l, h]}, "mlp": {"w1": [l, h, 4h], "b1": [l, 4h], "w2": [l, 4h, h], "b2": [l, h]}},
     "final_norm": {"scale", "bias": [h]}, "head": [h, V]}; batch: {"tokens", "targets": int32
     [batch, seq]}. With `abstract=True` every leaf is a `jax.ShapeDtypeStruct`.

@@ -1,4 +1,4 @@
-"""The intra-operator ILP, solved with OR-tools CP-SAT.
+"""The intra-operator ILP, solved with OR-tools' HiGHS MIP backend.
 
 Data -> Variables -> Constraints -> Objective -> Solve -> Decode, as in the OR-tools samples.
 """
@@ -10,16 +10,14 @@ import os
 import time as _time
 
 import numpy as np
-from ortools.sat.python import cp_model
+from ortools.linear_solver import pywraplp
 
 from meshplan.planner._problem import Problem
 
-# CP-SAT needs integer coefficients. Costs are scaled so the largest single coefficient is
-# about 1e7 units: the objective resolves differences of 1e-7 of the largest term, and the
-# sum over even 1e5 terms stays far below 2**63.
-_COST_UNITS = 1e7
-# Memory coefficients are in KiB: a per-device budget of 80 GB is 8e7 units, and rounding
-# each coefficient up keeps the constraint conservative.
+# Step times are seconds; per-op terms are microseconds to milliseconds. The MIP works in
+# microseconds so that its coefficients are O(1)-O(1e4), well inside HiGHS's tolerances.
+_SECONDS_TO_UNITS = 1e6
+# Memory rows are in KiB for the same reason (80 GB per device is 8e7 units).
 _MEMORY_UNIT = 1024.0
 
 
@@ -30,6 +28,7 @@ class SolveResult:
     choice: tuple[int, ...]
     objective: float  # seconds, the model's objective at `choice` (exact floats, not scaled)
     status: str  # "OPTIMAL", "FEASIBLE", "GREEDY" (solver found nothing better), "INFEASIBLE"
+    # gap: (objective - lower bound) / objective; 0 when proven optimal
     gap: float  # relative gap between objective and the solver's lower bound
     wall_time: float
 
@@ -85,86 +84,94 @@ def _memory_ok(rows, choice) -> bool:
                for r in rows)
 
 
+def _compress(e) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge layouts whose reshard costs are identical: (src map, dst map, smaller matrix).
+
+    Two producer layouts with the same cost row are interchangeable for this edge, so they
+    share one row; likewise for consumer columns. This shrinks the edge variables several
+    fold without changing the optimum.
+    """
+    _, row_of, inv_r = np.unique(e.cost, axis=0, return_index=True, return_inverse=True)
+    rows = e.cost[row_of]
+    _, col_of, inv_c = np.unique(rows, axis=1, return_index=True, return_inverse=True)
+    return inv_r.reshape(-1)[e.src_keys], inv_c.reshape(-1)[e.dst_keys], rows[:, col_of]
+
+
 def solve(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (), time_limit: float = 10.0,
           hint: tuple[int, ...] | None = None, workers: int | None = None) -> SolveResult:
-    """Pick one strategy per class minimising compute + collectives + resharding."""
+    """Pick one strategy per class minimising compute + collectives + resharding.
+
+    The model is Alpa's: one-hot strategy variables per class, and per edge a joint
+    variable per (producer layout, consumer layout) pair whose marginals equal the two
+    one-hots. That formulation has a tight LP relaxation, so OR-tools' HiGHS MIP backend
+    usually proves optimality at the root.
+    """
     start = _time.perf_counter()
     # ---- Data
     costs = node_costs(problem)
     n = len(costs)
-    biggest = max([float(c.max()) for c in costs if len(c)] +
-                  [float(e.cost.max()) for e in problem.edges] + [1e-30])
-    scale = _COST_UNITS / biggest
-
-    def units(seconds) -> int:
-        return int(round(seconds * scale))
-
-    trivial = all(len(c) == 1 for c in costs)
-    if trivial:
-        choice = tuple(0 for _ in costs)
-        status = "OPTIMAL" if _memory_ok(memory_rows, choice) else "INFEASIBLE"
-        return SolveResult(choice, objective_of(problem, choice, costs), status, 0.0,
-                           _time.perf_counter() - start)
-
-    model = cp_model.CpModel()
+    greedy_choice = hint if hint is not None else greedy(problem, costs)
+    if all(len(c) == 1 for c in costs):
+        status = "OPTIMAL" if _memory_ok(memory_rows, greedy_choice) else "INFEASIBLE"
+        return SolveResult(greedy_choice, objective_of(problem, greedy_choice, costs), status,
+                           0.0, _time.perf_counter() - start)
+    solver = pywraplp.Solver.CreateSolver("HIGHS")
+    # Seconds are rescaled to microseconds so coefficients sit near 1 (better conditioned).
+    scale = _SECONDS_TO_UNITS
     # ---- Variables: x[c, s] = class c takes strategy s.
-    x = {(c, s): model.NewBoolVar(f"x[class={c},strategy={s}]")
+    x = {(c, s): solver.BoolVar(f"x[class={c},strategy={s}]")
          for c in range(n) for s in range(len(costs[c]))}
-    terms = []
+    objective = solver.Objective()
     # ---- Constraints
     for c in range(n):
         # Each class takes exactly one strategy.
-        model.AddExactlyOne(x[c, s] for s in range(len(costs[c])))
-        terms += [(units(costs[c][s]), x[c, s]) for s in range(len(costs[c]))]
+        solver.Add(solver.Sum([x[c, s] for s in range(len(costs[c]))]) == 1,
+                   f"one_strategy[class={c}]")
+        for s in range(len(costs[c])):
+            objective.SetCoefficient(x[c, s], float(costs[c][s]) * scale)
     for k, e in enumerate(problem.edges):
-        # Indicators of the producer's and consumer's layout of this value.
-        src_on = [[x[e.src, s] for s in np.flatnonzero(e.src_keys == i)]
-                  for i in range(e.cost.shape[0])]
-        dst_on = [[x[e.dst, s] for s in np.flatnonzero(e.dst_keys == j)]
-                  for j in range(e.cost.shape[1])]
-        # Row minima are paid whatever the consumer picks: charge them linearly.
-        row_min = e.cost.min(axis=1)
-        for i, lits in enumerate(src_on):
-            terms += [(units(row_min[i]), lit) for lit in lits]
-        rest = e.cost - row_min[:, None]
-        for i, j in zip(*np.nonzero(rest > 0)):
-            u = units(rest[i, j])
-            if u == 0:
-                continue
-            # y is forced to 1 when the producer is in layout i and the consumer wants j.
-            y = model.NewBoolVar(f"reshard[edge={k},from={i},to={j}]")
-            model.Add(sum(src_on[i]) + sum(dst_on[j]) - 1 <= y)
-            terms.append((u, y))
+        src_keys, dst_keys, cost = _compress(e)
+        rows, cols = cost.shape
+        # y[i, j]: the producer is in layout group i and the consumer wants group j.
+        y = {(i, j): solver.NumVar(0.0, 1.0, f"reshard[edge={k},from={i},to={j}]")
+             for i in range(rows) for j in range(cols)}
+        for i in range(rows):
+            # Marginal on the producer: exactly its chosen layout's row is switched on.
+            solver.Add(solver.Sum([y[i, j] for j in range(cols)]) ==
+                       solver.Sum([x[e.src, s] for s in np.flatnonzero(src_keys == i)]))
+        for j in range(cols):
+            # Marginal on the consumer: exactly its wanted layout's column is switched on.
+            solver.Add(solver.Sum([y[i, j] for i in range(rows)]) ==
+                       solver.Sum([x[e.dst, s] for s in np.flatnonzero(dst_keys == j)]))
+        for (i, j), var in y.items():
+            if cost[i, j]:
+                objective.SetCoefficient(var, float(cost[i, j]) * scale)
     for r in memory_rows:
         # Per-device memory at a liveness peak stays within the device's budget.
-        model.Add(sum(int(np.ceil(r.coef[c][s] / _MEMORY_UNIT)) * x[c, s]
-                      for c in range(n) for s in range(len(costs[c])) if r.coef[c][s] > 0)
-                  <= int((r.limit - r.constant) // _MEMORY_UNIT))
+        solver.Add(solver.Sum([float(r.coef[c][s]) / _MEMORY_UNIT * x[c, s]
+                               for c in range(n) for s in range(len(costs[c]))
+                               if r.coef[c][s] > 0]) <= (r.limit - r.constant) / _MEMORY_UNIT)
     # ---- Objective
-    model.Minimize(sum(coef * var for coef, var in terms if coef))
-    # ---- Hint: a greedy plan, so the solver starts from something sensible.
-    hint = hint if hint is not None else greedy(problem, costs)
-    for c, s in enumerate(hint):
-        for t in range(len(costs[c])):
-            model.AddHint(x[c, t], t == s)
-    # ---- Solve
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit
-    solver.parameters.num_workers = workers or min(8, os.cpu_count() or 1)
-    solver.parameters.random_seed = 0
-    code = solver.Solve(model)
+    objective.SetMinimization()
+    # ---- Solve (the greedy plan is the fallback if the time limit leaves nothing better)
+    solver.SetTimeLimit(int(time_limit * 1000))
+    code = solver.Solve()
     # ---- Decode
-    if code in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        choice = tuple(next(s for s in range(len(costs[c])) if solver.Value(x[c, s]))
+    if code in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
+        choice = tuple(int(np.argmax([x[c, s].solution_value() for s in range(len(costs[c]))]))
                        for c in range(n))
         obj = objective_of(problem, choice, costs)
-        bound = solver.BestObjectiveBound() / scale
-        gap = 0.0 if code == cp_model.OPTIMAL else max(0.0, (obj - bound) / max(obj, 1e-30))
-        status = "OPTIMAL" if code == cp_model.OPTIMAL else "FEASIBLE"
+        bound = solver.Objective().BestBound() / scale
+        optimal = code == pywraplp.Solver.OPTIMAL
+        gap = 0.0 if optimal else max(0.0, (obj - bound) / max(obj, 1e-30))
+        status = "OPTIMAL" if optimal else "FEASIBLE"
+        g_obj = objective_of(problem, greedy_choice, costs)
+        if g_obj < obj and _memory_ok(memory_rows, greedy_choice):
+            choice, obj, status = greedy_choice, g_obj, "GREEDY"
     else:
-        choice, gap = hint, float("inf")
+        choice, gap = greedy_choice, float("inf")
         obj = objective_of(problem, choice, costs)
-        status = "INFEASIBLE" if code == cp_model.INFEASIBLE else "GREEDY"
+        status = "INFEASIBLE" if code == pywraplp.Solver.INFEASIBLE else "GREEDY"
     return SolveResult(choice, obj, status, gap, _time.perf_counter() - start)
 
 

@@ -180,7 +180,7 @@ class Plan:
             lines.append(f"    ... {len(shown) - 40} more")
         lines.append("  compared (predicted step time, comm, memory):")
         for name, shape, names, cost in self._rows():
-            m = "x".join(f"{n}{s}" for n, s in zip(names, shape))
+            m = ",".join(f"{n}={s}" for n, s in zip(names, shape))
             lines.append(f"    {name:<28} {m:<12} {cost.step_time * 1e3:10.3f} ms "
                          f"{cost.comm_bytes / 2**20:10.2f} MiB {cost.peak_memory / 2**20:10.1f} MiB")
         if self.unknown_primitives:
