@@ -116,6 +116,7 @@ def solve(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (), time_limit:
         return SolveResult(greedy_choice, objective_of(problem, greedy_choice, costs), status,
                            0.0, _time.perf_counter() - start)
     solver = pywraplp.Solver.CreateSolver("HIGHS")
+    solver.SuppressOutput()
     # Seconds are rescaled to microseconds so coefficients sit near 1 (better conditioned).
     scale = _SECONDS_TO_UNITS
     # ---- Variables: x[c, s] = class c takes strategy s.
@@ -175,15 +176,40 @@ def solve(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (), time_limit:
     return SolveResult(choice, obj, status, gap, _time.perf_counter() - start)
 
 
-def brute_force(problem: Problem, memory_rows: tuple[MemoryRow, ...] = ()
-                ) -> tuple[tuple[int, ...], float]:
-    """Enumerate every choice (tiny problems only): the reference the ILP must match."""
+def brute_force(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (),
+                max_choices: float = 2e7) -> tuple[tuple[int, ...] | None, float]:
+    """Enumerate every choice (tiny problems only): the reference the ILP must match.
+
+    The objective of all choices at once is one dense tensor with an axis per class,
+    built by broadcasting node costs and edge matrices along their classes' axes.
+    """
     costs = node_costs(problem)
-    best, best_obj = None, float("inf")
-    for choice in itertools.product(*[range(len(c)) for c in costs]):
-        if not _memory_ok(memory_rows, choice):
-            continue
-        obj = objective_of(problem, choice, costs)
-        if obj < best_obj:
-            best, best_obj = choice, obj
-    return best, best_obj
+    shape = tuple(len(c) for c in costs)
+    if float(np.prod(shape, dtype=float)) > max_choices:
+        raise ValueError(f"{np.prod(shape, dtype=float):.3g} choices to enumerate (strategy "
+                         f"counts {shape}); brute force is for problems under {max_choices:.0g}.")
+
+    def along(vec_or_mat, axes):
+        out_shape = [1] * len(shape)
+        for ax, n in zip(axes, np.shape(vec_or_mat)):
+            out_shape[ax] = n
+        if len(axes) == 2 and axes[0] > axes[1]:
+            vec_or_mat = np.asarray(vec_or_mat).T
+        return np.reshape(vec_or_mat, out_shape)
+
+    total = np.zeros(shape)
+    for c, vec in enumerate(costs):
+        total = total + along(vec, (c,))
+    for e in problem.edges:
+        total = total + along(e.matrix(), (e.src, e.dst))
+    feasible = np.ones(shape, dtype=bool)
+    for r in memory_rows:
+        used = np.full(shape, r.constant)
+        for c, vec in enumerate(r.coef):
+            used = used + along(vec, (c,))
+        feasible &= used <= r.limit
+    if not feasible.any():
+        return None, float("inf")
+    total = np.where(feasible, total, np.inf)
+    flat = int(np.argmin(total))
+    return tuple(int(i) for i in np.unravel_index(flat, shape)), float(total.flat[flat])

@@ -137,13 +137,14 @@ def _restrictions(names: tuple[str, ...] | None, c: Constraints,
 
 
 def _role_names(problem, assignment, shape) -> tuple[str, ...]:
-    """Name axes by what they do: "dp" if it splits the data's batch, else "tp"."""
+    """Name axes by what they do: "dp" if it splits the data's batch (dim 0), else "tp"."""
     data_axes = set()
     for g in problem.groups:
         lead = g.leader
         if lead.kind == "input" and lead.role == "data":
-            for axes in assignment.value_layout[lead.outputs[0]]:
-                data_axes.update(axes)
+            lay = assignment.value_layout[lead.outputs[0]]
+            if lay:
+                data_axes.update(lay[0])
     names = []
     for a in range(len(shape)):
         base = "dp" if a in data_axes else "tp"
@@ -302,9 +303,17 @@ def estimate_plan(graph: Graph, plan: Plan, cluster: Cluster,
     for c, members in enumerate(problem.classes):
         g = problem.groups[members[0]]
         want = [plan.value_layouts.get(v) for v in g.produced]
-        scores = [sum(w == lay for w, lay in zip(want, s.produced))
+        want_slots = []
+        for mi, k, v, _ in g.slots:
+            node = g.members[mi].node
+            pinned = plan.op_inputs.get(node.id) if node is not None and k >= 0 else None
+            want_slots.append(pinned[k] if pinned is not None else
+                              plan.value_layouts.get(g.members[mi].outputs[0] if k < 0 else v))
+        # The strategy that reproduces the plan's layouts (ties: the cheaper one).
+        scores = [(sum(w == lay for w, lay in zip(want, s.produced)) +
+                   sum(w == lay for w, lay in zip(want_slots, s.slots)), -s.time)
                   for s in problem.strategies[c]]
-        choice.append(int(np.argmax(scores)))
+        choice.append(max(range(len(scores)), key=scores.__getitem__))
     aliased = frozenset(pairs[v] for v in donated if v in pairs)
     cost, _ = evaluate(problem, tuple(choice), live, aliased, plan.axis_names)
     return cost

@@ -1,0 +1,150 @@
+"""Planner: ILP against brute force, and the layouts a person would recognise."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import meshplan as mp
+from meshplan import ir
+from meshplan.costmodel import Efficiency
+from meshplan.examples import abstract, make
+from meshplan.planner import brute_force, solve
+from meshplan.planner._ilp import MemoryRow
+from meshplan.planner._mesh import CommModel, LogicalMesh
+from meshplan.planner._ops import build_view
+from meshplan.planner._problem import build_problem
+
+TINY = {
+    "mlp2": (lambda w1, w2, x: jnp.tanh(x @ w1) @ w2,
+             [(8, 16), (16, 8), (4, 8)]),
+    "sum_of_matmul": (lambda w, x: jnp.sum(jnp.exp(x @ w), axis=0),
+                      [(8, 8), (16, 8)]),
+    "transpose_chain": (lambda w, x: (x @ w).T @ x,
+                        [(8, 4), (16, 8)]),
+}
+
+
+def _tiny_problem(name, cluster):
+    fn, shapes = TINY[name]
+    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    g = ir.trace(fn, *args, roles=("param",) * (len(args) - 1) + ("data",))
+    view = build_view(g)
+    assert len(view.ops) <= 12
+    mesh = LogicalMesh((2, 2), tuple(range(4)))
+    return build_problem(view, CommModel(cluster, mesh), cluster.devices[0], Efficiency(),
+                         tie=False)
+
+
+UNEVEN = mp.clusters.custom(node_of=[0, 0, 1, 1], intra=(100e9, 1e-6), inter=(5e9, 2e-5))
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_ilp_matches_brute_force(name):
+    problem = _tiny_problem(name, UNEVEN)
+    sizes = [len(s) for s in problem.strategies]
+    assert np.prod(sizes) < 2e7, sizes
+    best, best_obj = brute_force(problem)
+    result = solve(problem, time_limit=30)
+    assert result.status == "OPTIMAL"
+    assert result.objective == pytest.approx(best_obj, rel=1e-6, abs=1e-12)
+
+
+def test_ilp_matches_brute_force_under_a_memory_limit():
+    problem = _tiny_problem("mlp2", UNEVEN)
+    # Memory of each value produced by each class under each strategy, summed: a row that
+    # makes the replicated optimum infeasible.
+    coef = tuple(np.array([sum(np.prod(problem.view.values[v].shape) * 4 /
+                               np.prod([problem.mesh_shape[a] for d in lay for a in d])
+                               for v, lay in zip(problem.groups[m[0]].produced, s.produced))
+                           for s in strats]) for m, strats in zip(problem.classes,
+                                                                  problem.strategies))
+    unconstrained, _ = brute_force(problem)
+    used = sum(coef[c][s] for c, s in enumerate(unconstrained))
+    row = MemoryRow(coef, 0.0, used * 0.6)
+    best, best_obj = brute_force(problem, (row,))
+    assert best is not None and best != unconstrained
+    result = solve(problem, (row,), time_limit=30)
+    assert result.objective == pytest.approx(best_obj, rel=1e-6, abs=1e-12)
+
+
+def _layouts(plan, prefix):
+    return {p: l for p, l in zip(plan.input_paths, plan.in_layouts) if p.startswith(prefix)}
+
+
+@pytest.mark.slow
+def test_megatron_layout_found_with_tp8_on_a_dgx_a100_node():
+    ex = make("gpt", layers=2, hidden=1024, heads=16, seq=512, batch=2, vocab=1024,
+              abstract=True)
+    step = mp.auto_parallel(ex.train_step, cluster=mp.clusters.dgx_a100(), time_limit=20)
+    plan = step.plan(*ex.args, constraints=mp.Constraints(tp=8), compare_baselines=False)
+    lay = _layouts(plan, "[0]['blocks'][0]")
+    tp = plan.axis_names.index("tp")
+    split = lambda dim: tuple((tp,) if d == dim else () for d in range(len(lay[key])))
+    for key, dim in [("wq", 1), ("wk", 1), ("wv", 1),   # QKV: output (heads) split
+                     ("wo", 0),                         # output projection: input (heads)
+                     ("fc1", 1), ("fc2", 0)]:           # MLP: column then row parallel
+        key = f"[0]['blocks'][0]['{key}']['kernel']"
+        assert lay[key] == split(dim), (key, lay[key])
+
+
+@pytest.mark.slow
+def test_expert_parallelism_found_for_moe():
+    ex = make("moe", batch=16, seq=64, hidden=512, experts=8, ffn=2048, layers=2)
+    step = mp.auto_parallel(ex.train_step, cluster=mp.clusters.dgx_a100(), time_limit=20)
+    plan = step.plan(*abstract(ex.args))
+    for key in ("w_in", "w_out"):
+        lay = _layouts(plan, f"[0]['layer_0']['{key}']")[f"[0]['layer_0']['{key}']"]
+        # The expert dimension is split over every device: expert parallelism.
+        assert sorted(lay[0]) == list(range(len(plan.mesh_shape))) and lay[1:] == ((), ())
+    dp = [b for b in plan.baselines if b.name == "dp"][0]
+    assert plan.cost.step_time < dp.cost.step_time
+
+
+def test_constraints_errors_name_the_problem():
+    with pytest.raises(ValueError, match="positive int"):
+        mp.Constraints(tp=0)
+    with pytest.raises(NotImplementedError, match="pipeline"):
+        mp.Constraints(pp=2)
+    ex = make("mlp")
+    step = mp.auto_parallel(ex.train_step)
+    with pytest.raises(ValueError, match="cluster has 8"):
+        step.plan(*ex.args, constraints=mp.Constraints(tp=3, dp=2))
+
+
+def test_plan_json_round_trip_and_saved_plan_checks():
+    ex = make("mlp")
+    step = mp.auto_parallel(ex.train_step, time_limit=2)
+    plan = step.plan(*ex.args, constraints=mp.Constraints(tp=2, dp=4))
+    back = mp.Plan.from_json(plan.to_json())
+    assert back.in_layouts == plan.in_layouts and back.value_layouts == plan.value_layouts
+    assert back.cost.comm_bytes == plan.cost.comm_bytes
+    spec = lambda t: jax.tree.leaves(t, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    assert spec(back.in_shardings) == spec(plan.in_shardings)
+    # Applied to the same step: runs without solving, same result as the fresh plan.
+    fixed = mp.auto_parallel(ex.train_step, plan=back)
+    out = fixed(*ex.args)
+    ref = jax.jit(ex.train_step)(*ex.args)
+    np.testing.assert_allclose(out[2], ref[2], rtol=1e-5)
+    # Another model or other shapes: refused with the remedy.
+    other = make("mlp", batch=64)
+    with pytest.raises(ValueError, match="another model or other argument shapes"):
+        mp.auto_parallel(other.train_step, plan=back).plan(*other.args)
+    with pytest.raises(ValueError, match="made for cluster"):
+        mp.auto_parallel(ex.train_step, plan=back,
+                         cluster=mp.clusters.dgx_a100()).plan(*ex.args)
+    with pytest.raises(ValueError, match="malformed|format"):
+        mp.Plan.from_json('{"format": 1}')
+
+
+def test_estimate_recosts_a_plan_on_another_cluster():
+    ex = make("mlp")
+    step = mp.auto_parallel(ex.train_step, time_limit=2)
+    plan = step.plan(*ex.args, constraints=mp.Constraints(dp=8), compare_baselines=False)
+    same = mp.estimate(step, plan, *ex.args)
+    assert same.comm_bytes == pytest.approx(plan.cost.comm_bytes)
+    assert same.step_time == pytest.approx(plan.cost.step_time, rel=1e-6)
+    slow = mp.clusters.custom(node_of=list(range(8)), device=mp.clusters.CPU,
+                              intra=(10e9, 5e-6), inter=(1e8, 1e-3))
+    assert mp.estimate(step, plan, *ex.args, cluster=slow).step_time > same.step_time
