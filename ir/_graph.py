@@ -7,6 +7,7 @@ scanned body is a layer that is planned once and run many times.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ class Value:
     @property
     def nbytes(self) -> int:
         """Size in bytes of the whole (unsharded) array."""
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
     @property
     def is_const(self) -> bool:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from typing import Callable
@@ -230,10 +231,24 @@ def _op_cost(op: POp, choice: OpChoice, view, comm: CommModel, device, eff,
     flops = op.flops / choice.split
     nbytes = sum(_nbytes(view, v) for v in op.inputs + op.outputs) / choice.split
     dtype = view.values[op.outputs[0]].dtype if op.outputs else np.float32
-    t = op_time(flops, nbytes, device, dtype, op.prim in _MATMUL, eff) if flops or nbytes else 0.0
+    t = _roofline(flops, nbytes, device, str(dtype), op.prim in _MATMUL, eff) \
+        if flops or nbytes else 0.0
     comms = [_lowered(c, rs_as_ar) for c in choice.comms]
     t += sum(comm.time(c.kind, c.nbytes, c.axes) for c in comms)
     return t, flops, comms
+
+
+@functools.lru_cache(maxsize=4096)
+def _unit_times(device, dtype: str, is_matmul: bool, eff) -> tuple[float, float]:
+    """(seconds per FLOP, seconds per byte): op_time at 1 FLOP and at 1 byte, memoised."""
+    return (op_time(1.0, 0.0, device, dtype, is_matmul, eff),
+            op_time(0.0, 1.0, device, dtype, is_matmul, eff))
+
+
+def _roofline(flops, nbytes, device, dtype, is_matmul, eff) -> float:
+    """costmodel.op_time (a roofline: linear in each term), without per-call validation."""
+    per_flop, per_byte = _unit_times(device, dtype, is_matmul, eff)
+    return max(flops * per_flop, nbytes * per_byte)
 
 
 def _lowered(c: Comm, rs_as_ar: bool) -> Comm:
