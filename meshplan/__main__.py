@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive_int, default=3,
                       help="training steps to run (default: %(default)s)")
     demo.add_argument("--devices", type=_positive_int, default=8,
-                      help="CPU devices to emulate (default: %(default)s)")
+                      help="CPU devices to emulate; the demo runs on CPU even where a GPU is "
+                           "present (default: %(default)s)")
     demo.add_argument("--time-limit", type=_positive_float, default=3.0,
                       help="seconds per ILP solve (default: %(default)s)")
     demo.set_defaults(run=_demo)
