@@ -1,0 +1,122 @@
+"""Helpers shared by the benchmark scripts: device setup, quiet solver output, tables, JSON."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def request_cpu_devices(n: int = 8) -> None:
+    """Ask for `n` CPU devices; must run before any JAX computation starts the backend."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", n)
+    if len(jax.devices()) < n:
+        raise SystemExit(f"needs {n} devices, JAX started with {len(jax.devices())}; run this "
+                         "script in a fresh process (it sets jax_num_cpu_devices itself).")
+
+
+@contextlib.contextmanager
+def quiet(enabled: bool = True) -> Iterator[None]:
+    """Silence file descriptor 1 (the ILP backend prints its banner from C, not via Python)."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def short_error(e: BaseException, limit: int = 160) -> str:
+    """`Type: message` on one line, cut to `limit` characters."""
+    text = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
+          align: Sequence[str] | None = None) -> str:
+    """A plain-text (Markdown-compatible) table; `align` is "l" or "r" per column."""
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells if i < len(r)])
+              for i, h in enumerate(headers)]
+    align = align or ["l"] + ["r"] * (len(headers) - 1)
+
+    def fmt(r):
+        out = []
+        for i, w in enumerate(widths):
+            c = r[i] if i < len(r) else ""
+            out.append(c.ljust(w) if align[i] == "l" else c.rjust(w))
+        return "| " + " | ".join(out) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else (":" + "-" * (w + 1))
+                         for w, a in zip(widths, align)) + "|"
+    return "\n".join([fmt(headers), sep] + [fmt(r) for r in cells])
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts recorded next to every result table."""
+    import jax
+
+    try:
+        import subprocess
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).resolve().parent,
+                                check=False).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "devices": [str(d) for d in jax.devices()][:1] + [f"... {len(jax.devices())} in all"],
+        "git_commit": commit,
+    }
+
+
+def write_json(name: str, doc: dict, out: str | None = None) -> Path:
+    """Write `doc` to benchmarks/results/<name> (or `out`); returns the path."""
+    path = Path(out) if out else RESULTS / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(x):
+    try:
+        import numpy as np
+        if isinstance(x, np.generic):
+            return x.item()
+        if isinstance(x, np.ndarray):
+            return x.tolist()
+    except ImportError:
+        pass
+    if isinstance(x, (tuple, set, frozenset)):
+        return list(x)
+    return str(x)
+
+
+def si(x: float | None, unit: str = "") -> str:
+    """A number with an SI prefix (k, M, G, T), 3 significant digits."""
+    if x is None:
+        return "-"
+    for p, s in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= p:
+            return f"{x / p:.3g}{s}{unit}"
+    return f"{x:.3g}{unit}"
