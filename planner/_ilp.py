@@ -14,9 +14,11 @@ from ortools.linear_solver import pywraplp
 
 from meshplan.planner._problem import Problem
 
-# Step times are seconds; per-op terms are microseconds to milliseconds. The MIP works in
-# microseconds so that its coefficients are O(1)-O(1e4), well inside HiGHS's tolerances.
-_SECONDS_TO_UNITS = 1e6
+# Step times are seconds, and per-op terms range from nanoseconds (a tiny model on NVLink)
+# to seconds (GPT-3 on Ethernet). The MIP sees them rescaled so the largest coefficient is
+# 1e4: differences of 1e-6 of it stay well above HiGHS's 1e-7 feasibility tolerance, and
+# absolute tolerances mean the same thing whatever the model's scale.
+_LARGEST_COEFFICIENT = 1e4
 # Memory rows are in KiB for the same reason (80 GB per device is 8e7 units).
 _MEMORY_UNIT = 1024.0
 
@@ -26,7 +28,7 @@ class SolveResult:
     """The chosen strategy per class and how the solver got there."""
 
     choice: tuple[int, ...]
-    objective: float  # seconds, the model's objective at `choice` (exact floats, not scaled)
+    objective: float  # seconds, the ILP model's objective at `choice` (floats, not scaled)
     status: str  # "OPTIMAL", "FEASIBLE", "GREEDY" (solver found nothing better), "INFEASIBLE"
     # gap: (objective - lower bound) / objective; 0 when proven optimal
     gap: float  # relative gap between objective and the solver's lower bound
@@ -48,12 +50,39 @@ def node_costs(problem: Problem) -> list[np.ndarray]:
             for c, strats in enumerate(problem.strategies)]
 
 
-def objective_of(problem: Problem, choice, costs=None) -> float:
-    """The ILP objective for a full choice, in seconds (float, unscaled)."""
+def share_groups(problem: Problem) -> list[list[int]]:
+    """Edge indices grouped by the produced value they read (see Edge.share)."""
+    groups: dict[tuple, list[int]] = {}
+    for k, e in enumerate(problem.edges):
+        groups.setdefault(e.share or ("edge", k), []).append(k)
+    return list(groups.values())
+
+
+def model_objective(problem: Problem, choice, costs=None) -> float:
+    """The ILP's own objective: every reading edge pays its reshard (Alpa's model)."""
     costs = costs if costs is not None else node_costs(problem)
     total = sum(costs[c][s] for c, s in enumerate(choice))
     for e in problem.edges:
         total += e.cost[e.src_keys[choice[e.src]], e.dst_keys[choice[e.dst]]]
+    return float(total)
+
+
+def objective_of(problem: Problem, choice, costs=None) -> float:
+    """The ILP objective for a full choice, in seconds (float, unscaled).
+
+    Reshards of one value are charged once per distinct (producer layout, wanted layout),
+    at the largest multiplicity among the edges that want it.
+    """
+    costs = costs if costs is not None else node_costs(problem)
+    total = sum(costs[c][s] for c, s in enumerate(choice))
+    for members in share_groups(problem):
+        paid: dict[tuple, float] = {}
+        for k in members:
+            e = problem.edges[k]
+            i, j = e.src_keys[choice[e.src]], e.dst_keys[choice[e.dst]]
+            key = (i, e.dst_layouts[j] if e.dst_layouts else (k, j))
+            paid[key] = max(paid.get(key, 0.0), float(e.cost[i, j]))
+        total += sum(paid.values())
     return float(total)
 
 
@@ -97,6 +126,30 @@ def _compress(e) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return inv_r.reshape(-1)[e.src_keys], inv_c.reshape(-1)[e.dst_keys], rows[:, col_of]
 
 
+def _marginals(solver, x, e, src_keys, dst_keys, rows, cols, name):
+    """Joint variables y[i, j] whose marginals are the producer's and consumer's one-hots."""
+    y = {(i, j): solver.NumVar(0.0, 1.0, f"{name}[from={i},to={j}]")
+         for i in range(rows) for j in range(cols)}
+    for i in range(rows):
+        # Marginal on the producer: exactly its chosen layout's row is switched on.
+        solver.Add(solver.Sum([y[i, j] for j in range(cols)]) ==
+                   solver.Sum([x[e.src, s] for s in np.flatnonzero(src_keys == i)]))
+    for j in range(cols):
+        # Marginal on the consumer: exactly its wanted layout's column is switched on.
+        solver.Add(solver.Sum([y[i, j] for i in range(rows)]) ==
+                   solver.Sum([x[e.dst, s] for s in np.flatnonzero(dst_keys == j)]))
+    return y
+
+
+def _add_edge(solver, objective, x, e, k, scale):
+    """One reader of a value: y's cost is the reshard from the producer's layout."""
+    src_keys, dst_keys, cost = _compress(e)
+    y = _marginals(solver, x, e, src_keys, dst_keys, *cost.shape, f"reshard[edge={k}]")
+    for (i, j), var in y.items():
+        if cost[i, j]:
+            objective.SetCoefficient(var, float(cost[i, j]) * scale)
+
+
 def solve(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (), time_limit: float = 10.0,
           hint: tuple[int, ...] | None = None, workers: int | None = None) -> SolveResult:
     """Pick one strategy per class minimising compute + collectives + resharding.
@@ -113,12 +166,13 @@ def solve(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (), time_limit:
     greedy_choice = hint if hint is not None else greedy(problem, costs)
     if all(len(c) == 1 for c in costs):
         status = "OPTIMAL" if _memory_ok(memory_rows, greedy_choice) else "INFEASIBLE"
-        return SolveResult(greedy_choice, objective_of(problem, greedy_choice, costs), status,
+        return SolveResult(greedy_choice, model_objective(problem, greedy_choice, costs), status,
                            0.0, _time.perf_counter() - start)
     solver = pywraplp.Solver.CreateSolver("HIGHS")
     solver.SuppressOutput()
-    # Seconds are rescaled to microseconds so coefficients sit near 1 (better conditioned).
-    scale = _SECONDS_TO_UNITS
+    # Costs are rescaled so the largest node or edge coefficient is _LARGEST_COEFFICIENT.
+    biggest = max([float(c.max()) for c in costs] + [float(e.cost.max()) for e in problem.edges])
+    scale = _LARGEST_COEFFICIENT / max(biggest, 1e-30)
     # ---- Variables: x[c, s] = class c takes strategy s.
     x = {(c, s): solver.BoolVar(f"x[class={c},strategy={s}]")
          for c in range(n) for s in range(len(costs[c]))}
@@ -131,22 +185,7 @@ def solve(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (), time_limit:
         for s in range(len(costs[c])):
             objective.SetCoefficient(x[c, s], float(costs[c][s]) * scale)
     for k, e in enumerate(problem.edges):
-        src_keys, dst_keys, cost = _compress(e)
-        rows, cols = cost.shape
-        # y[i, j]: the producer is in layout group i and the consumer wants group j.
-        y = {(i, j): solver.NumVar(0.0, 1.0, f"reshard[edge={k},from={i},to={j}]")
-             for i in range(rows) for j in range(cols)}
-        for i in range(rows):
-            # Marginal on the producer: exactly its chosen layout's row is switched on.
-            solver.Add(solver.Sum([y[i, j] for j in range(cols)]) ==
-                       solver.Sum([x[e.src, s] for s in np.flatnonzero(src_keys == i)]))
-        for j in range(cols):
-            # Marginal on the consumer: exactly its wanted layout's column is switched on.
-            solver.Add(solver.Sum([y[i, j] for i in range(rows)]) ==
-                       solver.Sum([x[e.dst, s] for s in np.flatnonzero(dst_keys == j)]))
-        for (i, j), var in y.items():
-            if cost[i, j]:
-                objective.SetCoefficient(var, float(cost[i, j]) * scale)
+        _add_edge(solver, objective, x, e, k, scale)
     for r in memory_rows:
         # Per-device memory at a liveness peak stays within the device's budget.
         solver.Add(solver.Sum([float(r.coef[c][s]) / _MEMORY_UNIT * x[c, s]
@@ -161,17 +200,17 @@ def solve(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (), time_limit:
     if code in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
         choice = tuple(int(np.argmax([x[c, s].solution_value() for s in range(len(costs[c]))]))
                        for c in range(n))
-        obj = objective_of(problem, choice, costs)
+        obj = model_objective(problem, choice, costs)
         bound = solver.Objective().BestBound() / scale
         optimal = code == pywraplp.Solver.OPTIMAL
         gap = 0.0 if optimal else max(0.0, (obj - bound) / max(obj, 1e-30))
         status = "OPTIMAL" if optimal else "FEASIBLE"
-        g_obj = objective_of(problem, greedy_choice, costs)
+        g_obj = model_objective(problem, greedy_choice, costs)
         if g_obj < obj and _memory_ok(memory_rows, greedy_choice):
             choice, obj, status = greedy_choice, g_obj, "GREEDY"
     else:
         choice, gap = greedy_choice, float("inf")
-        obj = objective_of(problem, choice, costs)
+        obj = model_objective(problem, choice, costs)
         status = "INFEASIBLE" if code == pywraplp.Solver.INFEASIBLE else "GREEDY"
     return SolveResult(choice, obj, status, gap, _time.perf_counter() - start)
 
@@ -213,3 +252,55 @@ def brute_force(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (),
     total = np.where(feasible, total, np.inf)
     flat = int(np.argmin(total))
     return tuple(int(i) for i in np.unravel_index(flat, shape)), float(total.flat[flat])
+
+
+def refine(problem: Problem, choice: tuple[int, ...], memory_rows: tuple[MemoryRow, ...] = (),
+           sweeps: int = 3) -> tuple[tuple[int, ...], float]:
+    """Coordinate descent on the exact objective (reshards shared by readers, as XLA does).
+
+    The ILP charges every reading edge its reshard (that keeps its formulation tight and
+    fast); XLA converts a value to a layout once however many ops read it there. Starting
+    from the ILP's answer, each class in turn takes the strategy that is best with the
+    others fixed, for a few sweeps, never breaking a memory row.
+    """
+    costs = node_costs(problem)
+    shares = share_groups(problem)
+    touching: dict[int, list[int]] = {}
+    for gi, members in enumerate(shares):
+        for c in {problem.edges[k].src for k in members} | {problem.edges[k].dst
+                                                               for k in members}:
+            touching.setdefault(c, []).append(gi)
+
+    def share_cost(gi, ch) -> float:
+        paid: dict[tuple, float] = {}
+        for k in shares[gi]:
+            e = problem.edges[k]
+            i, j = e.src_keys[ch[e.src]], e.dst_keys[ch[e.dst]]
+            key = (i, e.dst_layouts[j] if e.dst_layouts else (k, j))
+            paid[key] = max(paid.get(key, 0.0), float(e.cost[i, j]))
+        return sum(paid.values())
+
+    choice = list(choice)
+    for _ in range(sweeps):
+        improved = False
+        for c in range(len(costs)):
+            if len(costs[c]) == 1:
+                continue
+            local = []
+            for s in range(len(costs[c])):
+                trial = choice.copy()
+                trial[c] = s
+                local.append(costs[c][s] + sum(share_cost(gi, trial) for gi in touching.get(c, ())))
+            order = np.argsort(local, kind="stable")
+            for s in order:
+                if local[s] >= local[choice[c]] - 1e-15:
+                    break
+                trial = choice.copy()
+                trial[c] = int(s)
+                if _memory_ok(memory_rows, trial):
+                    choice = trial
+                    improved = True
+                    break
+        if not improved:
+            break
+    return tuple(choice), objective_of(problem, tuple(choice), costs)

@@ -71,6 +71,10 @@ class Edge:
     src_keys: np.ndarray  # src strategy -> layout id
     dst_keys: np.ndarray  # dst strategy -> layout id
     cost: np.ndarray  # [src layout id, dst layout id], seconds per step
+    dst_layouts: tuple = ()  # layout id -> the Layout the consumer wants
+    # Edges reading the same produced value share its reshards: XLA converts a value to a
+    # given layout once, however many ops read it there. (producer class, produced index)
+    share: tuple = ()
 
     def matrix(self) -> np.ndarray:
         """[src strategy, dst strategy] -> seconds."""
@@ -291,7 +295,8 @@ def group_strategies(g: Group, view: PlanningView, comm: CommModel, mesh_shape, 
         allowed = (lambda l, a: restrict.loop(lead, l, a)) if restrict.loop else None
         heads = leader_choices(lead.dims, [_shape(view, v) for v in lead.inputs],
                                [_shape(view, v) for v in lead.outputs],
-                               [_nbytes(view, v) for v in lead.outputs], mesh_shape, allowed)
+                               [_nbytes(view, v) for v in lead.outputs], mesh_shape, allowed,
+                               scatter_variants=not rs_as_ar)
         if not heads:
             heads = [_fixed_choice(lead, view)]
     return [_propagate(g, head, view, comm, device, eff, rs_as_ar, mesh_shape) for head in heads]
@@ -382,4 +387,4 @@ def _edge(pc, gc, src_strats, dst_strats, produced_index, slot_index, nbytes, mu
     for a, i in src_ids.items():
         for b, j in dst_ids.items():
             cost[i, j] = mult * reshard_time(nbytes, a, b, comm, mesh_shape)
-    return Edge(pc, gc, src_keys, dst_keys, cost)
+    return Edge(pc, gc, src_keys, dst_keys, cost, tuple(dst_ids), (pc, produced_index))

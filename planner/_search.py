@@ -12,7 +12,7 @@ import numpy as np
 from meshplan.costmodel import Cluster, Efficiency
 from meshplan.ir import Graph
 from meshplan.planner._evaluate import Cost, evaluate
-from meshplan.planner._ilp import SolveResult, solve
+from meshplan.planner._ilp import SolveResult, refine, solve
 from meshplan.planner._memory import liveness, memory_rows, peak_times
 from meshplan.planner._mesh import CommModel, LogicalMesh, factorizations
 from meshplan.planner._ops import POp, build_view
@@ -172,6 +172,8 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
     for _ in range(_MEMORY_ROUNDS):
         rows = memory_rows(problem, live, limit, times, aliased)
         result = solve(problem, rows, opts.time_limit, workers=opts.workers)
+        refined, _ = refine(problem, result.choice, rows)
+        result = dataclasses.replace(result, choice=refined)
         names = cand.names or tuple(f"a{i}" for i in range(len(cand.mesh.shape)))
         cost, assignment = evaluate(problem, result.choice, live, aliased, names)
         if cost.peak_memory <= limit or result.status == "INFEASIBLE":

@@ -103,10 +103,14 @@ def _walked(dims: DimMap) -> frozenset[int]:
 
 
 def leader_choices(dims: DimMap, in_shapes, out_shapes, out_nbytes,
-                   mesh_shape: tuple[int, ...], allowed=None) -> list[OpChoice]:
-    """All legal strategies of a leader op, reduce-scatter variants included.
+                   mesh_shape: tuple[int, ...], allowed=None,
+                   scatter_variants: bool = True) -> list[OpChoice]:
+    """All legal strategies of a leader op, reduce-scatter variants included if asked.
 
-    `allowed(loop, axis) -> bool` can forbid assignments (e.g. a pinned dp axis).
+    `allowed(loop, axis) -> bool` can forbid assignments (e.g. a pinned dp axis). Where the
+    backend lowers a reduce-scatter to an all-reduce and a local slice (XLA:CPU), a
+    reduce-scatter variant costs exactly its all-reduce twin plus a free slice that any
+    consumer can take itself, so `scatter_variants=False` drops these dominated choices.
     """
     walked = _walked(dims)
     out = []
@@ -121,7 +125,7 @@ def leader_choices(dims: DimMap, in_shapes, out_shapes, out_nbytes,
         if base is None:
             continue
         out.append(base)
-        if base.comms and dims.outputs:
+        if scatter_variants and base.comms and dims.outputs:
             for d in range(len(out_shapes[0])):
                 rs = apply_loops(dims, loop_axes, in_shapes, out_shapes, out_nbytes,
                                  mesh_shape, scatter_dim=d)
