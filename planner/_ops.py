@@ -165,3 +165,39 @@ def _short(v) -> str:
         return "<jaxpr>"
     s = repr(v)
     return s if len(s) < 200 else s[:200]
+
+
+def batch_dims(view: PlanningView) -> tuple[dict[int, frozenset[int]], dict[int, frozenset[int]]]:
+    """Where the data's batch flows: (value -> its batch dims, op -> its batch loop dims).
+
+    The batch starts as dim 0 of every "data" input and follows each op's DimMap: a loop
+    walked by a batch dim is a batch loop, and an output dim walking a batch loop is a batch
+    dim. A reduced batch loop is a weight gradient's sum over the batch. Pinning tensor
+    parallelism means its axis splits none of these (it would otherwise be data parallelism
+    under another name).
+    """
+    vdims: dict[int, frozenset[int]] = {}
+    loops: dict[int, frozenset[int]] = {}
+    for op in view.ops:
+        if op.kind == "input":
+            v = op.outputs[0]
+            if op.role == "data" and view.values[v].shape:
+                vdims[v] = frozenset({0})
+            elif op.role == "carry" and op.slots:
+                vdims[v] = vdims.get(op.slots[0].value, frozenset())
+            continue
+        if op.dims is None:
+            continue
+        found = set()
+        for arr, v in zip(op.dims.operands, op.inputs):
+            if arr is None:
+                continue
+            for d in vdims.get(v, ()):
+                if d < len(arr) and arr[d]:
+                    found.add(arr[d][0])
+        loops[op.id] = frozenset(found)
+        for arr, v in zip(op.dims.outputs, op.outputs):
+            dims = frozenset(d for d, g in enumerate(arr) if any(l in found for l in g))
+            if dims:
+                vdims[v] = dims
+    return vdims, loops

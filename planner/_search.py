@@ -15,7 +15,7 @@ from meshplan.planner._evaluate import Cost, evaluate
 from meshplan.planner._ilp import SolveResult, refine, solve
 from meshplan.planner._memory import liveness, memory_rows, peak_times
 from meshplan.planner._mesh import CommModel, LogicalMesh, factorizations
-from meshplan.planner._ops import POp, build_view
+from meshplan.planner._ops import POp, batch_dims, build_view
 from meshplan.planner._plan import Alternative, Constraints, Plan
 from meshplan.planner._problem import Restrictions, build_problem
 
@@ -99,14 +99,21 @@ def candidates(cluster: Cluster, c: Constraints) -> list[MeshCandidate]:
 
 
 def _restrictions(names: tuple[str, ...] | None, c: Constraints,
-                  mesh_shape: tuple[int, ...]) -> Restrictions:
-    """Turn axis roles and ZeRO/Megatron pins into what each input may take."""
+                  mesh_shape: tuple[int, ...], view) -> Restrictions:
+    """Turn axis roles and ZeRO/Megatron pins into what each input and op may take."""
     if names is None:
         return Restrictions()
     dp = names.index("dp") if "dp" in names else None
     tp = names.index("tp") if "tp" in names else None
+    value_batch, loop_batch = batch_dims(view)
+
+    def loop(op: POp, l: int, axis: int) -> bool:
+        # A pinned tp axis never splits the batch: that would be data parallelism.
+        return not (axis == tp and l in loop_batch.get(op.id, ()))
 
     def input_layout(op: POp, dim: int, axis: int) -> bool:
+        if axis == tp and dim in value_batch.get(op.outputs[0], ()):
+            return False
         if op.role == "data":
             # The batch (dim 0) is split over dp; nothing else of the data is split.
             return axis == dp and dim == 0
@@ -133,7 +140,7 @@ def _restrictions(names: tuple[str, ...] | None, c: Constraints,
             lays = with_tp or lays
         return lays
 
-    return Restrictions(input_layout=input_layout, input_required=input_required)
+    return Restrictions(input_layout=input_layout, input_required=input_required, loop=loop)
 
 
 def _role_names(problem, assignment, shape) -> tuple[str, ...]:
@@ -161,7 +168,7 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
                     opts: SearchOptions, aliased: frozenset[int], limit: float) -> Solved:
     """Build and solve the ILP for one mesh candidate; re-solve if memory peaks elsewhere."""
     comm = CommModel(cluster, cand.mesh)
-    restrict = _restrictions(cand.names, c, cand.mesh.shape)
+    restrict = _restrictions(cand.names, c, cand.mesh.shape, graph_view)
     device = _slowest(cluster, cand.mesh.device_ids)
     rs_as_ar = all(cluster.devices[i].kind == "cpu" for i in cand.mesh.device_ids)
     problem = build_problem(graph_view, comm, device, opts.efficiency, restrict,
