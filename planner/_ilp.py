@@ -130,14 +130,22 @@ def _marginals(solver, x, e, src_keys, dst_keys, rows, cols, name):
     """Joint variables y[i, j] whose marginals are the producer's and consumer's one-hots."""
     y = {(i, j): solver.NumVar(0.0, 1.0, f"{name}[from={i},to={j}]")
          for i in range(rows) for j in range(cols)}
+    # (Built with Constraint/SetCoefficient: pywraplp's operator API is several times
+    # slower on the tens of thousands of rows a model has.)
     for i in range(rows):
         # Marginal on the producer: exactly its chosen layout's row is switched on.
-        solver.Add(solver.Sum([y[i, j] for j in range(cols)]) ==
-                   solver.Sum([x[e.src, s] for s in np.flatnonzero(src_keys == i)]))
+        ct = solver.Constraint(0.0, 0.0)
+        for j in range(cols):
+            ct.SetCoefficient(y[i, j], 1.0)
+        for s in np.flatnonzero(src_keys == i):
+            ct.SetCoefficient(x[e.src, int(s)], -1.0)
     for j in range(cols):
         # Marginal on the consumer: exactly its wanted layout's column is switched on.
-        solver.Add(solver.Sum([y[i, j] for i in range(rows)]) ==
-                   solver.Sum([x[e.dst, s] for s in np.flatnonzero(dst_keys == j)]))
+        ct = solver.Constraint(0.0, 0.0)
+        for i in range(rows):
+            ct.SetCoefficient(y[i, j], 1.0)
+        for s in np.flatnonzero(dst_keys == j):
+            ct.SetCoefficient(x[e.dst, int(s)], -1.0)
     return y
 
 
@@ -180,8 +188,9 @@ def solve(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (), time_limit:
     # ---- Constraints
     for c in range(n):
         # Each class takes exactly one strategy.
-        solver.Add(solver.Sum([x[c, s] for s in range(len(costs[c]))]) == 1,
-                   f"one_strategy[class={c}]")
+        ct = solver.Constraint(1.0, 1.0, f"one_strategy[class={c}]")
+        for s in range(len(costs[c])):
+            ct.SetCoefficient(x[c, s], 1.0)
         for s in range(len(costs[c])):
             objective.SetCoefficient(x[c, s], float(costs[c][s]) * scale)
     for k, e in enumerate(problem.edges):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 from meshplan.costmodel import comm_bytes
@@ -51,6 +52,7 @@ def _axis_dims(layout: Layout) -> dict[int, tuple[int, int]]:
     return {a: (d, p) for d, dim in enumerate(layout) for p, a in enumerate(dim)}
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def reshard(nbytes: float, src: Layout, dst: Layout,
             mesh_shape: tuple[int, ...]) -> tuple[Comm, ...]:
     """Collectives that turn an array of `nbytes` laid out as `src` into `dst`.

@@ -72,6 +72,7 @@ class CommModel:
         self.cluster = cluster
         self.mesh = mesh
         self._fits: dict[tuple[str, Axes], _LinearTime] = {}
+        self.reshard_memo: dict[tuple, float] = {}  # (bytes, src, dst) -> seconds
 
     def _fit(self, kind: str, axes: Axes) -> _LinearTime:
         key = (kind, axes)

@@ -270,9 +270,10 @@ def _fixed_choice(op: POp, view) -> OpChoice:
 
 
 def _choice(op: POp, loops, view, mesh_shape, scatter=None) -> OpChoice | None:
-    return apply_loops(op.dims, loops, [_shape(view, v) for v in op.inputs],
-                       [_shape(view, v) for v in op.outputs],
-                       [_nbytes(view, v) for v in op.outputs], mesh_shape, scatter)
+    # Tuples, so that apply_loops can be memoised: repeated sublayers ask the same thing.
+    return apply_loops(op.dims, loops, tuple(_shape(view, v) for v in op.inputs),
+                       tuple(_shape(view, v) for v in op.outputs),
+                       tuple(_nbytes(view, v) for v in op.outputs), mesh_shape, scatter)
 
 
 def group_strategies(g: Group, view: PlanningView, comm: CommModel, mesh_shape, device,
@@ -339,13 +340,22 @@ def _propagate(g: Group, head: OpChoice, view, comm, device, eff, rs_as_ar, mesh
 # --------------------------------------------------------------------------- problem
 
 
+def group_view(view: PlanningView, tie: bool = True):
+    """(groups, value -> group id, classes): the mesh-independent part of a problem."""
+    groups, group_of_value = build_groups(view)
+    return groups, group_of_value, group_classes(groups, view, tie)
+
+
 def build_problem(view: PlanningView, comm: CommModel, device, eff: Efficiency,
                   restrict: Restrictions = Restrictions(), tie: bool = True,
-                  rs_as_ar: bool = False) -> Problem:
-    """Groups, classes, per-class strategies and resharding edges for one logical mesh."""
+                  rs_as_ar: bool = False, grouping=None) -> Problem:
+    """Groups, classes, per-class strategies and resharding edges for one logical mesh.
+
+    `grouping` = `group_view(view, tie)`, which does not depend on the mesh, can be passed
+    to share it between candidate meshes.
+    """
     mesh_shape = comm.mesh.shape
-    groups, group_of_value = build_groups(view)
-    classes = group_classes(groups, view, tie)
+    groups, group_of_value, classes = grouping or group_view(view, tie)
     strategies = [group_strategies(groups[members[0]], view, comm, mesh_shape, device, eff,
                                    restrict, rs_as_ar) for members in classes]
     self_cost = [np.zeros(len(s)) for s in strategies]
@@ -370,8 +380,13 @@ def build_problem(view: PlanningView, comm: CommModel, device, eff: Efficiency,
 
 def reshard_time(nbytes: float, src: Layout, dst: Layout, comm: CommModel,
                  mesh_shape) -> float:
-    return sum(comm.time(c.kind, c.nbytes, c.axes) for c in reshard(nbytes, src, dst,
-                                                                    mesh_shape))
+    """Seconds to reshard, memoised on the CommModel (one per mesh)."""
+    key = (nbytes, src, dst)
+    memo = comm.reshard_memo
+    if key not in memo:
+        memo[key] = sum(comm.time(c.kind, c.nbytes, c.axes)
+                        for c in reshard(nbytes, src, dst, mesh_shape))
+    return memo[key]
 
 
 def _edge(pc, gc, src_strats, dst_strats, produced_index, slot_index, nbytes, mult, comm,

@@ -17,7 +17,7 @@ from meshplan.planner._memory import liveness, memory_rows, peak_times
 from meshplan.planner._mesh import CommModel, LogicalMesh, factorizations
 from meshplan.planner._ops import POp, batch_dims, build_view
 from meshplan.planner._plan import Alternative, Constraints, Plan
-from meshplan.planner._problem import Restrictions, build_problem
+from meshplan.planner._problem import Restrictions, build_problem, group_view
 
 # The ILP's memory rows are placed at the liveness peaks of the unsharded program; when the
 # decoded plan peaks elsewhere, that time is added and the ILP solved again, at most this
@@ -165,14 +165,15 @@ def _slowest(cluster: Cluster, ids):
 
 
 def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: Constraints,
-                    opts: SearchOptions, aliased: frozenset[int], limit: float) -> Solved:
+                    opts: SearchOptions, aliased: frozenset[int], limit: float,
+                    grouping=None) -> Solved:
     """Build and solve the ILP for one mesh candidate; re-solve if memory peaks elsewhere."""
     comm = CommModel(cluster, cand.mesh)
     restrict = _restrictions(cand.names, c, cand.mesh.shape, graph_view)
     device = _slowest(cluster, cand.mesh.device_ids)
     rs_as_ar = all(cluster.devices[i].kind == "cpu" for i in cand.mesh.device_ids)
     problem = build_problem(graph_view, comm, device, opts.efficiency, restrict,
-                            opts.tie_layers, rs_as_ar)
+                            opts.tie_layers, rs_as_ar, grouping)
     sizes = np.array([graph_view.values[v].nbytes for v in live.temps], dtype=float)
     times = peak_times(live, sizes, _PEAKS_PER_ROW_SET)
     result = None
@@ -222,9 +223,11 @@ def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraint
     live = liveness(view)
     aliased = frozenset(pairs[v] for v in donated if v in pairs)
     limit = options.memory_limit or min(d.memory_bytes for d in cluster.devices)
+    grouping = group_view(view, options.tie_layers)
     runs: list[tuple[str, Solved]] = []
     for cand in candidates(cluster, constraints):
-        solved = solve_candidate(view, live, cluster, cand, constraints, options, aliased, limit)
+        solved = solve_candidate(view, live, cluster, cand, constraints, options, aliased, limit,
+                                 grouping)
         runs.append((cand.label, solved))
         if progress:
             progress(f"mesh {cand.label}: {solved.cost.step_time * 1e3:.3f} ms "
@@ -233,7 +236,7 @@ def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraint
     for name, bc in (baselines or {}).items():
         for cand in candidates(cluster, bc):
             base_runs.append((name, solve_candidate(view, live, cluster, cand, bc, options,
-                                                    aliased, limit)))
+                                                    aliased, limit, grouping)))
     fits = [(l, s) for l, s in runs if s.cost.peak_memory <= limit]
     # Hand rules are points of the planner's own search space: if the ILP stopped short of
     # one of them (time limit), that point is the better plan and is taken.

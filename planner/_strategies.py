@@ -8,6 +8,7 @@ reduce-scatter.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Sequence
@@ -42,6 +43,7 @@ def project(array_dims, loop_axes: LoopAxes) -> Layout | None:
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def apply_loops(dims: DimMap, loop_axes: LoopAxes, in_shapes: Sequence[tuple[int, ...]],
                 out_shapes: Sequence[tuple[int, ...]], out_nbytes: Sequence[float],
                 mesh_shape: tuple[int, ...], scatter_dim: int | None = None) -> OpChoice | None:
@@ -113,6 +115,7 @@ def leader_choices(dims: DimMap, in_shapes, out_shapes, out_nbytes,
     consumer can take itself, so `scatter_variants=False` drops these dominated choices.
     """
     walked = _walked(dims)
+    in_shapes, out_shapes, out_nbytes = tuple(in_shapes), tuple(out_shapes), tuple(out_nbytes)
     out = []
     for loop_axes in _assignments(len(dims.loop_sizes), len(mesh_shape)):
         # An axis on a loop no array walks splits nothing; "unassigned" dominates it.
