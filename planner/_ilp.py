@@ -19,6 +19,9 @@ from meshplan.planner._problem import Problem
 # 1e4: differences of 1e-6 of it stay well above HiGHS's 1e-7 feasibility tolerance, and
 # absolute tolerances mean the same thing whatever the model's scale.
 _LARGEST_COEFFICIENT = 1e4
+# An LP value this close to 0 or 1 counts as integral (HiGHS's default primal feasibility
+# tolerance is 1e-7; a little slack above it).
+_INTEGRALITY_TOLERANCE = 1e-6
 # Memory rows are in KiB for the same reason (80 GB per device is 8e7 units).
 _MEMORY_UNIT = 1024.0
 
@@ -29,7 +32,7 @@ class SolveResult:
 
     choice: tuple[int, ...]
     objective: float  # seconds, the ILP model's objective at `choice` (floats, not scaled)
-    status: str  # "OPTIMAL", "FEASIBLE", "GREEDY" (solver found nothing better), "INFEASIBLE"
+    status: str  # "OPTIMAL", "FEASIBLE", "LP-ROUNDED", "GREEDY" (nothing better), "INFEASIBLE"
     # gap: (objective - lower bound) / objective; 0 when proven optimal
     gap: float  # relative gap between objective and the solver's lower bound
     wall_time: float
@@ -158,31 +161,14 @@ def _add_edge(solver, objective, x, e, k, scale):
             objective.SetCoefficient(var, float(cost[i, j]) * scale)
 
 
-def solve(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (), time_limit: float = 10.0,
-          hint: tuple[int, ...] | None = None, workers: int | None = None) -> SolveResult:
-    """Pick one strategy per class minimising compute + collectives + resharding.
-
-    The model is Alpa's: one-hot strategy variables per class, and per edge a joint
-    variable per (producer layout, consumer layout) pair whose marginals equal the two
-    one-hots. That formulation has a tight LP relaxation, so OR-tools' HiGHS MIP backend
-    usually proves optimality at the root.
-    """
-    start = _time.perf_counter()
-    # ---- Data
-    costs = node_costs(problem)
-    n = len(costs)
-    greedy_choice = hint if hint is not None else greedy(problem, costs)
-    if all(len(c) == 1 for c in costs):
-        status = "OPTIMAL" if _memory_ok(memory_rows, greedy_choice) else "INFEASIBLE"
-        return SolveResult(greedy_choice, model_objective(problem, greedy_choice, costs), status,
-                           0.0, _time.perf_counter() - start)
-    solver = pywraplp.Solver.CreateSolver("HIGHS")
+def _model(backend: str, integer: bool, problem: Problem, costs, memory_rows, scale):
+    """Build the model on an OR-tools backend: Data -> Variables -> Constraints -> Objective."""
+    solver = pywraplp.Solver.CreateSolver(backend)
     solver.SuppressOutput()
-    # Costs are rescaled so the largest node or edge coefficient is _LARGEST_COEFFICIENT.
-    biggest = max([float(c.max()) for c in costs] + [float(e.cost.max()) for e in problem.edges])
-    scale = _LARGEST_COEFFICIENT / max(biggest, 1e-30)
+    n = len(costs)
     # ---- Variables: x[c, s] = class c takes strategy s.
-    x = {(c, s): solver.BoolVar(f"x[class={c},strategy={s}]")
+    make = solver.BoolVar if integer else (lambda name: solver.NumVar(0.0, 1.0, name))
+    x = {(c, s): make(f"x[class={c},strategy={s}]")
          for c in range(n) for s in range(len(costs[c]))}
     objective = solver.Objective()
     # ---- Constraints
@@ -191,36 +177,84 @@ def solve(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (), time_limit:
         ct = solver.Constraint(1.0, 1.0, f"one_strategy[class={c}]")
         for s in range(len(costs[c])):
             ct.SetCoefficient(x[c, s], 1.0)
-        for s in range(len(costs[c])):
             objective.SetCoefficient(x[c, s], float(costs[c][s]) * scale)
     for k, e in enumerate(problem.edges):
         _add_edge(solver, objective, x, e, k, scale)
     for r in memory_rows:
         # Per-device memory at a liveness peak stays within the device's budget.
-        solver.Add(solver.Sum([float(r.coef[c][s]) / _MEMORY_UNIT * x[c, s]
-                               for c in range(n) for s in range(len(costs[c]))
-                               if r.coef[c][s] > 0]) <= (r.limit - r.constant) / _MEMORY_UNIT)
+        ct = solver.Constraint(-solver.infinity(), (r.limit - r.constant) / _MEMORY_UNIT)
+        for c in range(n):
+            for s in np.flatnonzero(r.coef[c] > 0):
+                ct.SetCoefficient(x[c, int(s)], float(r.coef[c][s]) / _MEMORY_UNIT)
     # ---- Objective
     objective.SetMinimization()
-    # ---- Solve (the greedy plan is the fallback if the time limit leaves nothing better)
-    solver.SetTimeLimit(int(time_limit * 1000))
-    code = solver.Solve()
-    # ---- Decode
-    if code in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
-        choice = tuple(int(np.argmax([x[c, s].solution_value() for s in range(len(costs[c]))]))
-                       for c in range(n))
+    return solver, x
+
+
+def _decode(x, costs) -> tuple[tuple[int, ...], bool]:
+    """The strategy with the largest value per class, and whether every x was 0/1."""
+    choice, integral = [], True
+    for c in range(len(costs)):
+        vals = np.array([x[c, s].solution_value() for s in range(len(costs[c]))])
+        choice.append(int(np.argmax(vals)))
+        integral &= bool(np.all(np.minimum(vals, 1.0 - vals) < _INTEGRALITY_TOLERANCE))
+    return tuple(choice), integral
+
+
+def solve(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (), time_limit: float = 10.0,
+          hint: tuple[int, ...] | None = None, workers: int | None = None) -> SolveResult:
+    """Pick one strategy per class minimising compute + collectives + resharding.
+
+    The model is Alpa's: one-hot strategy variables per class, and per edge a joint
+    variable per (producer layout, consumer layout) pair whose marginals equal the two
+    one-hots. That formulation has a tight LP relaxation: its optimum is nearly always
+    integral. So the LP is solved first (HiGHS, simplex); an integral answer is optimal
+    for the integer program too. Otherwise the HiGHS MIP runs with the time left, and the
+    rounded LP answer and a greedy plan are fallbacks.
+    """
+    start = _time.perf_counter()
+    # ---- Data
+    costs = node_costs(problem)
+    greedy_choice = hint if hint is not None else greedy(problem, costs)
+    if all(len(c) == 1 for c in costs):
+        status = "OPTIMAL" if _memory_ok(memory_rows, greedy_choice) else "INFEASIBLE"
+        return SolveResult(greedy_choice, model_objective(problem, greedy_choice, costs), status,
+                           0.0, _time.perf_counter() - start)
+    # Costs are rescaled so the largest node or edge coefficient is _LARGEST_COEFFICIENT.
+    biggest = max([float(c.max()) for c in costs] + [float(e.cost.max()) for e in problem.edges])
+    scale = _LARGEST_COEFFICIENT / max(biggest, 1e-30)
+    candidates = [(model_objective(problem, greedy_choice, costs), greedy_choice, "GREEDY")]
+    # ---- Solve the LP relaxation
+    lp, x = _model("HIGHS", False, problem, costs, memory_rows, scale)
+    lp.SetTimeLimit(int(time_limit * 1000))
+    code = lp.Solve()
+    if code == pywraplp.Solver.INFEASIBLE:
+        return SolveResult(greedy_choice, candidates[0][0], "INFEASIBLE", float("inf"),
+                           _time.perf_counter() - start)
+    bound = -float("inf")
+    if code == pywraplp.Solver.OPTIMAL:
+        bound = lp.Objective().Value() / scale
+        choice, integral = _decode(x, costs)
         obj = model_objective(problem, choice, costs)
-        bound = solver.Objective().BestBound() / scale
-        optimal = code == pywraplp.Solver.OPTIMAL
-        gap = 0.0 if optimal else max(0.0, (obj - bound) / max(obj, 1e-30))
-        status = "OPTIMAL" if optimal else "FEASIBLE"
-        g_obj = model_objective(problem, greedy_choice, costs)
-        if g_obj < obj and _memory_ok(memory_rows, greedy_choice):
-            choice, obj, status = greedy_choice, g_obj, "GREEDY"
-    else:
-        choice, gap = greedy_choice, float("inf")
-        obj = model_objective(problem, choice, costs)
-        status = "INFEASIBLE" if code == pywraplp.Solver.INFEASIBLE else "GREEDY"
+        if integral and _memory_ok(memory_rows, choice):
+            return SolveResult(choice, obj, "OPTIMAL", 0.0, _time.perf_counter() - start)
+        if _memory_ok(memory_rows, choice):
+            candidates.append((obj, choice, "LP-ROUNDED"))
+    # ---- Fractional LP: the MIP, with the time that is left
+    left = time_limit - (_time.perf_counter() - start)
+    if left > 0.1:
+        mip, x = _model("HIGHS", True, problem, costs, memory_rows, scale)
+        mip.SetTimeLimit(int(left * 1000))
+        code = mip.Solve()
+        if code in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
+            choice, _ = _decode(x, costs)
+            status = "OPTIMAL" if code == pywraplp.Solver.OPTIMAL else "FEASIBLE"
+            candidates.append((model_objective(problem, choice, costs), choice, status))
+            bound = max(bound, mip.Objective().BestBound() / scale)
+    # ---- Decode: the best answer found, with its gap to the best lower bound
+    obj, choice, status = min((c for c in candidates if _memory_ok(memory_rows, c[1])),
+                              default=candidates[0], key=lambda c: c[0])
+    gap = 0.0 if status == "OPTIMAL" else max(0.0, (obj - bound) / max(obj, 1e-30))
     return SolveResult(choice, obj, status, gap, _time.perf_counter() - start)
 
 
