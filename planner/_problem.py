@@ -124,6 +124,10 @@ def build_groups(view: PlanningView) -> tuple[list[Group], dict[int, int]]:
             g = new_group("leader", op)
         elif main is None:
             g = new_group("fixed", op)
+        elif _joins(op, main, view, groups, group_of_value):
+            if main != op.dims.main:
+                op.dims = dataclasses.replace(op.dims, main=main)
+            g = new_group("leader", op)
         else:
             g = groups[group_of_value[op.inputs[main]]]
             if main != op.dims.main:
@@ -145,6 +149,24 @@ def build_groups(view: PlanningView) -> tuple[list[Group], dict[int, int]]:
                     continue
                 g.slots.append((mi, k, v, op.mult))
     return groups, group_of_value
+
+
+def _joins(op: POp, main: int, view, groups, group_of_value) -> bool:
+    """Whether an op merges two streams (a residual add, a gradient sum): it leads a group.
+
+    Were it to follow its first operand, the residual stream of every layer would chain
+    into one group: one layout for all layers, and no repeated layers left to tie.
+    """
+    home = group_of_value[op.inputs[main]]
+    for i, arr in enumerate(op.dims.operands):
+        v = op.inputs[i]
+        if i == main or arr is None or _is_const(view, v) or v not in group_of_value:
+            continue
+        other = groups[group_of_value[v]]
+        if other.id != home and other.kind != "fixed" and \
+                len(view.values[v].shape) == len(view.values[op.inputs[main]].shape):
+            return True
+    return False
 
 
 def _main_operand(op: POp, view, groups, group_of_value) -> int | None:
