@@ -256,7 +256,13 @@ def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraint
                  if s is not best)
     bases = tuple(Alternative(l, s.candidate.mesh.shape, s.axis_names, s.cost)
                   for l, s in base_runs)
-    return dataclasses.replace(plan, alternatives=alts, baselines=bases)
+    notes = ()
+    if label.startswith("rule:"):
+        own = min((s for _, s in runs), key=lambda s: s.cost.step_time)
+        notes = (f"the hand rule {label[5:]!r} costs less than the solver's best answer "
+                 f"({own.cost.step_time * 1e3:.3f} ms, {own.result.status}), so it is taken: "
+                 "a longer time_limit may let the solver find it or better",)
+    return dataclasses.replace(plan, alternatives=alts, baselines=bases, notes=notes)
 
 
 def _to_plan(graph, cluster, best: Solved, view, out_values, in_treedef, out_treedef, pairs,
