@@ -8,6 +8,7 @@ top level alike. A scan carry becomes an input-like leader whose layout is loop-
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from meshplan.ir import DimMap, Graph, Node
 
@@ -163,6 +164,16 @@ def _short(v) -> str:
     """A bounded, structure-only rendering of an equation parameter for signatures."""
     if hasattr(v, "jaxpr") or type(v).__name__ in ("Jaxpr", "ClosedJaxpr"):
         return "<jaxpr>"
+    try:
+        return _short_hashable(v)
+    except TypeError:  # unhashable parameter values are rare: render them each time
+        s = repr(v)
+        return s if len(s) < 200 else s[:200]
+
+
+@functools.lru_cache(maxsize=4096)
+def _short_hashable(v) -> str:
+    # Repeated layers repeat the same parameter values: render each once.
     s = repr(v)
     return s if len(s) < 200 else s[:200]
 

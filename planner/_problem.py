@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 from typing import Callable
 
@@ -187,26 +186,25 @@ def _main_operand(op: POp, view, groups, group_of_value) -> int | None:
 # --------------------------------------------------------------------------- classes
 
 
-def _wl_hashes(view: PlanningView, rounds: int = 3) -> dict[int, str]:
-    """Weisfeiler-Lehman hashes of ops: equal for the same sublayer in repeated layers."""
+def _wl_hashes(view: PlanningView, rounds: int = 3) -> dict[int, int]:
+    """Weisfeiler-Lehman hashes of ops: equal for the same sublayer in repeated layers.
+
+    Python's tuple hash is enough: classes only need to agree within one planning run.
+    """
     prod = view.producer()
     cons: dict[int, list[POp]] = {}
     for op in view.ops:
         for v in op.inputs:
             cons.setdefault(v, []).append(op)
-    h = {op.id: _digest(repr(op.sig)) for op in view.ops}
+    h = {op.id: hash(op.sig) for op in view.ops}
     for _ in range(rounds):
         new = {}
         for op in view.ops:
-            ins = tuple(h[prod[v].id] if v in prod else "c" for v in op.inputs)
+            ins = tuple(h[prod[v].id] if v in prod else 0 for v in op.inputs)
             outs = tuple(sorted(h[c.id] for v in op.outputs for c in cons.get(v, ())))
-            new[op.id] = _digest(repr((h[op.id], ins, outs)))
+            new[op.id] = hash((h[op.id], ins, outs))
         h = new
     return h
-
-
-def _digest(text: str) -> str:
-    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
 def group_classes(groups: list[Group], view: PlanningView, tie: bool) -> list[list[int]]:
