@@ -1,6 +1,9 @@
 """Planning time of an unrolled GPT train step vs depth (the issue's target: 24 layers, hidden
 1024, under 10 s on this machine; 96 layers at most twice as long as 24).
 
+Planned for one DGX A100 node (8 x 80 GB), from abstract arguments; "total" is tracing
+plus planning (three logical meshes), what a user waits for.
+
 Run: python benchmarks/planning_speed.py [--layers 24 96] [--time-limit 3]
 Prints one row per depth: trace seconds, plan seconds (search incl. all meshes), classes.
 """
@@ -27,7 +30,8 @@ def main():
     for layers in args.layers:
         ex = make("gpt", layers=layers, hidden=args.hidden, heads=16, seq=512, batch=8,
                   vocab=4096, abstract=True)
-        step = mp.auto_parallel(ex.train_step, time_limit=args.time_limit)
+        step = mp.auto_parallel(ex.train_step, time_limit=args.time_limit,
+                                cluster=mp.clusters.dgx_a100(nodes=1))
         t0 = time.perf_counter()
         step.trace(*ex.args)
         t1 = time.perf_counter()
