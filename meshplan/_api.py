@@ -79,7 +79,7 @@ class AutoParallel:
                  donate_argnums: Sequence[int] = (), static_argnums: Sequence[int] = (),
                  memory_limit: float | None = None, constraints: Constraints | None = None,
                  plan: Plan | None = None, roles: Sequence[str] | None = None,
-                 time_limit: float = 10.0):
+                 time_limit: float = 3.0):
         self.fn = fn
         self._cluster = cluster
         self.donate_argnums = tuple(donate_argnums)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import time as _time
 
 import numpy as np
@@ -202,7 +201,7 @@ def _decode(x, costs) -> tuple[tuple[int, ...], bool]:
 
 
 def solve(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (), time_limit: float = 10.0,
-          hint: tuple[int, ...] | None = None, workers: int | None = None) -> SolveResult:
+          hint: tuple[int, ...] | None = None) -> SolveResult:
     """Pick one strategy per class minimising compute + collectives + resharding.
 
     The model is Alpa's: one-hot strategy variables per class, and per edge a joint

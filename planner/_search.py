@@ -32,17 +32,17 @@ class SearchOptions:
 
     Attributes:
       memory_limit: bytes per device; default: the smallest device memory in the cluster.
-      time_limit: seconds for each ILP solve.
+      time_limit: seconds for each ILP solve (LP relaxation first, MIP with what is left).
+        3 s by default: the relaxation of a layer-tied problem usually solves in well under a
+        second; a mesh whose solve runs out keeps its best fallback, and says so in status.
       efficiency: attained fractions of peak (compute model).
       tie_layers: share one decision among structurally identical layers.
-      workers: CP-SAT worker threads (default: up to 8, one per core).
     """
 
     memory_limit: float | None = None
-    time_limit: float = 10.0
+    time_limit: float = 3.0
     efficiency: Efficiency = Efficiency()
     tie_layers: bool = True
-    workers: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +179,7 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
     result = None
     for _ in range(_MEMORY_ROUNDS):
         rows = memory_rows(problem, live, limit, times, aliased)
-        result = solve(problem, rows, opts.time_limit, workers=opts.workers)
+        result = solve(problem, rows, opts.time_limit)
         refined, _ = refine(problem, result.choice, rows)
         result = dataclasses.replace(result, choice=refined)
         names = cand.names or tuple(f"a{i}" for i in range(len(cand.mesh.shape)))
