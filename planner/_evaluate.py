@@ -106,7 +106,11 @@ def evaluate(problem: Problem, choice, live: Liveness, aliased: frozenset[int] =
             breakdown["reshard"] = breakdown.get("reshard", 0.0) + t
         by_kind[c.kind] = by_kind.get(c.kind, 0.0) + b
         sent += b
-    mem: MemoryBreakdown = memory(problem.view, live, a.value_layout, mesh_shape, aliased)
+    # XLA:CPU lowers reduce-scatter to all-reduce + slice; a plan whose collectives include
+    # a real reduce-scatter was costed for a backend that has one.
+    scatters = any(c.kind == "reduce-scatter" for c, _, _ in comms)
+    mem: MemoryBreakdown = memory(problem.view, live, a.value_layout, mesh_shape, aliased,
+                                  a.op_layouts, scatters)
     step = compute + sum(mult * comm.time(c.kind, c.nbytes, c.axes) for c, mult, _ in comms)
     cost = Cost(step, flops, sent, mem.peak, tuple(breakdown.items()),
                 (("argument", mem.argument), ("output", mem.output), ("temp", mem.temp),

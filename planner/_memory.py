@@ -1,79 +1,502 @@
-"""Per-device memory: arguments, outputs, and temporaries over the liveness timeline.
+"""Per-device memory: arguments, outputs, and temporaries over a modelled XLA schedule.
 
-XLA reports `argument + output + temp - alias`; the model predicts the same four terms.
-Temporaries are the values XLA materialises in buffers: results of matmuls, reductions,
-gathers and region boundaries, and any value that outlives its neighbourhood (activations
-saved for the backward pass). Short chains of elementwise ops are fused and never stored.
+XLA reports `argument + output + temp - alias`; the model predicts the same four terms by
+imitating, in simplified form, the compiler stages that decide them (XLA:CPU, jax 0.10.2;
+checked buffer by buffer against XLA's buffer-assignment dumps of the example models):
+
+1. Fusion decides which values are buffers at all. Element-wise ops, broadcasts and
+   layout changes are fused into their consumers and never stored; their consumers read the
+   buffers the fused chain starts from instead (so fusing a cheap op *extends* the life of
+   its inputs: XLA recomputes `x + b` in the backward pass from the saved matmul result).
+   A value is stored when it is a result of the step, when an op that cannot absorb a fused
+   producer reads it (a matmul, a gather, a loop boundary), or when it is expensive
+   (exp, tanh, divide, ...) and more than one fusion would have to recompute it. A
+   transpose of a weight gradient is thus not a second buffer.
+2. Scheduling orders the stored values. XLA's default memory scheduler runs a greedy list
+   scheduler (bytes freed minus bytes defined, scalars first) and a post-order, and keeps
+   whichever needs less memory. The model runs the same greedy list scheduler on the
+   graph of stored values (a scan is one unit, as XLA's `while` is) and compares it with
+   program order: it is what moves each optimizer update next to its gradient, so
+   gradients die early. An element-wise fusion writes its result over an operand of the
+   same shape that dies there (XLA shares the buffer).
+3. The plan adds buffers (`memory(..., op_layouts=...)`): a partial-sum result before its
+   all-reduce (and the all-reduced result in full where a reduce-scatter is lowered to
+   all-reduce + slice, as on XLA:CPU), each value moved to another layout (once per value
+   and layout, from its first to its last reader there, as XLA CSEs the collectives; a
+   parameter read by a loop is moved before the loop and kept for every loop that reads it
+   so), a relayout copy next to a collective whose result is not in the target layout, and
+   a result computed in another layout than the one it is returned in.
+4. Buffer assignment packs them. Each result of the step gets its own allocation
+   (`output`, plus the results tuple's pointers), and XLA reuses those allocations for
+   temporaries that die before the result is written; what does not fit goes to one heap
+   (`temp`). The model does the same: temporaries, largest first, go into a result
+   allocation at least as large and free over their life, and the rest into the heap,
+   whose size is the peak of their live bytes (XLA's heap adds some fragmentation).
+
+A result that replaces an input (updated parameters and optimizer state) is pinned by the
+runtime to that input's layout (`out_shardings`), so its bytes are counted in that layout.
+
+The ILP sees the same timeline through linear rows: at a time t, arguments + results
+written by t + temporaries live at t, each under the strategy of the class that lays it
+out (a lower bound of what packing achieves, without the plan's collective buffers).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import heapq
+import math
 
 import numpy as np
 
 from meshplan.ir._dims import ELEMENTWISE
 from meshplan.planner._ilp import MemoryRow
-from meshplan.planner._layout import Layout, shards
+from meshplan.planner._layout import Layout, reshard, shards
 from meshplan.planner._ops import PlanningView
 
-# Ops XLA fuses into their consumers (loop fusion): their results are not buffers unless
-# they must outlive the fusion.
-_FUSIBLE = ELEMENTWISE | {"broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose",
-                          "iota", "alias", "slice", "pad", "concatenate", "rev",
-                          "dynamic_slice"}
-# A value read more than this many ops after it is made is kept in a buffer: fusion in
-# XLA does not reach that far (measured on the example models, see benchmarks/fidelity.py).
-_FUSION_REACH = 8
+# Ops that only change how an array is indexed: XLA turns them into bitcasts or folds them
+# into the layout of the op that reads them, even when that op is a matmul.
+_VIEW = frozenset({"reshape", "squeeze", "expand_dims", "transpose", "alias", "scan_slice",
+                   "sharding_constraint", "stop_gradient", "optimization_barrier"})
+# Ops XLA fuses into their consumers (loop fusion).
+_FUSIBLE = ELEMENTWISE | _VIEW | {"broadcast_in_dim", "iota", "slice", "pad", "concatenate",
+                                  "rev", "dynamic_slice", "select_n", "clamp"}
+# Consumers that absorb fused producers: a reduction is the root of a loop fusion that
+# computes its element-wise operand on the fly; stacking a scan output writes each layer's
+# value straight into the stacked buffer (an in-place dynamic-update-slice fusion).
+_ABSORBING = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
+                        "reduce_or", "argmax", "argmin", "scan_stack"})
+# XLA's `InstructionFusion::IsExpensive` for floating point: a producer XLA will not
+# duplicate into a second fusion, so it is stored when two fusions read it.
+_EXPENSIVE = frozenset({"exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sqrt",
+                        "rsqrt", "cbrt", "pow", "atan2", "erf", "erfc", "erf_inv", "div",
+                        "rem", "lgamma", "digamma", "tan", "asin", "acos", "atan", "sinh",
+                        "cosh", "asinh", "acosh", "atanh"})
+# Bytes per element of the tuple XLA returns the results in (a 64-bit pointer each):
+# `output_size - sum of result bytes` is 8 x results on every example model (XLA:CPU).
+_TUPLE_POINTER_BYTES = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class Liveness:
-    """Which values are temporaries, and when each is live (op indices, inclusive)."""
+    """The stored values of the step and when each is live, on the modelled schedule.
+
+    Times are phases of the schedule (two per scheduled op: read, then write; see
+    `_timeline`). `temps` lists every stored value other than an argument, in order of
+    definition, with `start`/`end` phases (inclusive). The step's results are among them
+    (`is_out`), live from when they are written to the last phase; `pin` gives, per entry,
+    the input whose layout a result is pinned to (-1: none). `op_first`/`op_last` are the
+    first and last schedule slot at which each planning op (by index in `view.ops`) runs
+    (a fused op runs inside the fusions that read it; -1: never).
+    """
 
     temps: tuple[int, ...]
     start: np.ndarray
     end: np.ndarray
     args: tuple[int, ...]
     outputs: tuple[int, ...]
+    is_out: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, bool))
+    pin: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    n_phases: int = 0
+    op_first: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    op_last: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    # Loops: per op the loop (index into `loop_span`, -1: top level) that runs it; per
+    # loop its first and last slot; per value made inside a loop, that loop.
+    op_loop: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    loop_span: tuple[tuple[int, int], ...] = ()
+    value_loop: dict = dataclasses.field(default_factory=dict)
+    # A loop's view of an outer value: inner value -> (outer value, True for a per-layer
+    # slice of a stacked array, False for an alias of a loop constant).
+    loop_view: dict = dataclasses.field(default_factory=dict)
+
+    @functools.cached_property
+    def arg_set(self) -> frozenset[int]:
+        return frozenset(self.args)
 
     def live_at(self, t: int) -> np.ndarray:
-        """Indices into `temps` of the values live at op index t."""
+        """Indices into `temps` of the values live at phase t."""
         return np.flatnonzero((self.start <= t) & (self.end >= t))
 
 
-def liveness(view: PlanningView) -> Liveness:
-    """Temporaries and their live ranges in program order."""
-    producer_index: dict[int, int] = {}
-    last_use: dict[int, int] = {}
-    consumers: dict[int, list] = {}
-    args = []
-    for i, op in enumerate(view.ops):
-        if op.kind == "input" and op.prim == "input":
-            args += op.outputs
-        for v in op.outputs:
-            producer_index[v] = i
-        for v in op.inputs:
-            last_use[v] = i
-            consumers.setdefault(v, []).append(op)
-    outputs = tuple(v for v in view.outputs if not view.values[v].is_const)
-    temps, start, end = [], [], []
-    arg_set, out_set = set(args), set(outputs)
-    for i, op in enumerate(view.ops):
+# ----------------------------------------------------------------------------------------
+# 1. Fusion: which values are stored, and which stored values each op really reads.
+
+
+def _stored_values(view: PlanningView, consumers: dict[int, list[int]], out_set: set[int],
+                   arg_set: set[int]) -> set[int]:
+    """Values XLA keeps in a buffer (arguments excluded)."""
+    ops, values = view.ops, view.values
+    producer: dict[int, int] = {v: i for i, op in enumerate(ops) for v in op.outputs}
+
+    def is_view_of_buffer(v: int) -> bool:
+        # A view (transpose, reshape, ...) of a stored value or argument costs nothing,
+        # even for a matmul: XLA folds it into the matmul's operand layout.
+        while True:
+            if v in arg_set:
+                return True
+            p = producer.get(v)
+            if p is None:
+                return values[v].is_const
+            op = ops[p]
+            if op.prim not in _VIEW:
+                return op.prim not in _FUSIBLE or op.kind != "op"
+            v = op.inputs[0]
+
+    stored: set[int] = set()
+    # Backward pass: the fusions (stored roots) that would have to compute each value.
+    # Two are enough to know it would be duplicated.
+    roots: dict[int, tuple[int, ...]] = {}
+    for i in range(len(ops) - 1, -1, -1):
+        op = ops[i]
         if op.kind == "input" and op.prim == "input":
             continue
         for v in op.outputs:
-            if v in out_set or v in arg_set or view.values[v].is_const:
+            if values[v].is_const:
                 continue
-            last = last_use.get(v, i)
-            kept = (op.prim not in _FUSIBLE
-                    or any(c.prim not in _FUSIBLE for c in consumers.get(v, ()))
-                    or last - i > _FUSION_REACH)
-            if kept:
-                temps.append(v)
-                start.append(i)
-                end.append(last)
-    return Liveness(tuple(temps), np.array(start, dtype=np.int64), np.array(end, dtype=np.int64),
-                    tuple(args), outputs)
+            fusible = op.kind == "op" and op.prim in _FUSIBLE
+            cons = consumers.get(v, ())
+            keep = (not fusible or v in out_set or op.kind == "input")
+            if not keep:
+                for c in cons:
+                    cop = ops[c]
+                    hard = not (cop.kind == "op" and (cop.prim in _FUSIBLE
+                                                      or cop.prim in _ABSORBING))
+                    if hard and not (op.prim in _VIEW and is_view_of_buffer(op.inputs[0])):
+                        keep = True
+                        break
+            if not keep and op.prim in _EXPENSIVE:
+                seen: set[int] = set()
+                for c in cons:
+                    for r in roots.get(c, (c,)):
+                        seen.add(r)
+                keep = len(seen) > 1
+            if keep:
+                stored.add(v)
+                roots[i] = (i,)
+            else:
+                # This op is fused into the fusions of its consumers.
+                seen = []
+                for c in cons:
+                    for r in roots.get(c, (c,)):
+                        if r not in seen:
+                            seen.append(r)
+                    if len(seen) > 1:
+                        break
+                roots[i] = tuple(seen[:2]) if seen else (i,)
+    return stored
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Scheduling units: single ops at top level, whole loops as one unit.
+
+
+def _units(view: PlanningView) -> list[list[int]]:
+    """Op indices grouped into top-level units, in program order.
+
+    A scan appears in the planning view as boundary ops (aliases, per-layer slices, carries)
+    around a run of body ops with a larger multiplicity; XLA runs it as one `while`
+    instruction, so the whole run and its boundary is one unit.
+    """
+    ops = view.ops
+    units: list[list[int]] = []
+    i, n = 0, len(ops)
+    while i < n:
+        op = ops[i]
+        if op.mult == 1 or op.prim == "input":
+            units.append([i])
+            i += 1
+            continue
+        j = i
+        while j < n and ops[j].mult != 1:
+            j += 1
+        body = list(range(i, j))
+        inside = {v for k in body for v in ops[k].outputs}
+        # Leading boundary: aliases of loop constants and per-layer slices of stacked inputs.
+        lead = []
+        while units and len(units[-1]) == 1 and ops[units[-1][0]].prim in ("alias", "scan_slice"):
+            lead.insert(0, units.pop()[0])
+        tail = []
+        while j < n and ops[j].mult == 1 and ops[j].prim in ("alias", "scan_stack") and \
+                all(v in inside for v in ops[j].inputs):
+            tail.append(j)
+            j += 1
+        units.append(lead + body + tail)
+        i = j
+    return units
+
+
+def _list_schedule(unit_reads: list[list[int]], unit_defs: list[list[int]],
+                   size: dict[int, float], never_freed: set[int],
+                   scalar: list[bool]) -> list[int]:
+    """XLA's ListScheduler on units: ready unit that frees most bytes net, scalars first.
+
+    Priority = (bytes of operands this unit is the last reader of) - (bytes it defines),
+    then its number of readers; among equals the most recently readied unit goes first.
+    """
+    n = len(unit_reads)
+    producer_unit: dict[int, int] = {}
+    for u, defs in enumerate(unit_defs):
+        for b in defs:
+            producer_unit[b] = u
+    readers: dict[int, set[int]] = {}
+    waiting = [0] * n  # unscheduled producers of the unit's operands
+    for u, reads in enumerate(unit_reads):
+        for b in reads:
+            readers.setdefault(b, set()).add(u)
+            if b in producer_unit and producer_unit[b] != u:
+                waiting[u] += 1
+    remaining = {b: len(r) for b, r in readers.items()}
+    n_readers = [sum(len(readers.get(b, ())) for b in defs) for defs in unit_defs]
+    defined = [sum(size[b] for b in defs) for defs in unit_defs]
+    big = float("inf")
+
+    def priority(u: int) -> tuple[float, int]:
+        if scalar[u]:
+            return (big, big)
+        freed = sum(size[b] for b in unit_reads[u]
+                    if b not in never_freed and remaining.get(b, 0) == 1)
+        return (freed - defined[u], n_readers[u])
+
+    heap: list = []
+    counter = 0
+    version = [0] * n
+    ready = [False] * n
+
+    def push(u: int):
+        nonlocal counter
+        counter += 1
+        p = priority(u)
+        heapq.heappush(heap, (-p[0], -p[1], -counter, u, version[u]))
+
+    for u in range(n):
+        if waiting[u] == 0:
+            ready[u] = True
+            push(u)
+    order: list[int] = []
+    done = [False] * n
+    while heap:
+        _, _, _, u, ver = heapq.heappop(heap)
+        if done[u] or ver != version[u]:
+            continue
+        done[u] = True
+        order.append(u)
+        for b in set(unit_reads[u]):
+            if b in remaining:
+                remaining[b] -= 1
+                if remaining[b] == 1:
+                    for w in readers[b]:
+                        if not done[w] and ready[w]:
+                            version[w] += 1
+                            push(w)
+        for b in unit_defs[u]:
+            for w in readers.get(b, ()):
+                if w != u and not done[w]:
+                    waiting[w] -= 1
+                    if waiting[w] == 0:
+                        ready[w] = True
+                        push(w)
+    if len(order) != n:  # a cycle cannot happen in a dataflow graph; keep program order
+        return list(range(n))
+    return order
+
+
+def liveness(view: PlanningView) -> Liveness:
+    """Stored values and their live phases on the modelled schedule (plan-independent)."""
+    ops, values = view.ops, view.values
+    args: list[int] = []
+    pins: dict[int, int] = {}
+    consumers: dict[int, list[int]] = {}
+    for i, op in enumerate(ops):
+        if op.kind == "input" and op.prim == "input":
+            args += op.outputs
+            for s in op.slots:
+                pins.setdefault(s.value, op.outputs[0])
+        for v in op.inputs:
+            consumers.setdefault(v, []).append(i)
+    arg_set = set(args)
+    outputs = tuple(dict.fromkeys(v for v in view.outputs if not values[v].is_const))
+    out_set = set(outputs)
+    stored = _stored_values(view, consumers, out_set, arg_set)
+    stored |= out_set - arg_set
+
+    # Which stored values (or arguments) each op reads once fusion is applied.
+    src: dict[int, tuple[int, ...]] = {v: (v,) for v in args}
+    reads_of_op: list[tuple[int, ...]] = []
+    for op in ops:
+        rd: list[int] = []
+        for v in op.inputs:
+            for b in src.get(v, ()):
+                if b not in rd:
+                    rd.append(b)
+        # Carries also read their initial value (copied into the loop state) and the
+        # body's new value (written back each iteration).
+        if op.prim == "carry":
+            for s in op.slots:
+                for b in src.get(s.value, ()):
+                    if b not in rd:
+                        rd.append(b)
+        reads_of_op.append(tuple(rd))
+        for v in op.outputs:
+            if v in arg_set:
+                continue
+            src[v] = (v,) if v in stored else tuple(rd)
+
+    units = _units(view)
+    # A unit reads what its ops read from outside it and defines the stored values that
+    # its ops produce.
+    unit_defs: list[list[int]] = []
+    unit_reads: list[list[int]] = []
+    for members in units:
+        defs = [v for k in members for v in ops[k].outputs if v in stored]
+        ds = set(defs)
+        rd: list[int] = []
+        for k in members:
+            for b in reads_of_op[k]:
+                if b not in ds and b not in rd:
+                    rd.append(b)
+        unit_defs.append(defs)
+        unit_reads.append(rd)
+    size = {v: float(values[v].nbytes) for v in stored | arg_set}
+    never = arg_set | out_set
+    scalar = [bool(defs) and all(len(values[b].shape) == 0 for b in defs) for defs in unit_defs]
+    # Fused-away ops have nothing to schedule.
+    active = [u for u in range(len(units)) if unit_defs[u] or len(units[u]) > 1]
+    sub_reads = [unit_reads[u] for u in active]
+    sub_defs = [unit_defs[u] for u in active]
+    order = _list_schedule(sub_reads, sub_defs, size, never, [scalar[u] for u in active])
+    best = None
+    # XLA keeps the schedule that needs less memory: the list schedule or program order.
+    for cand in (order, list(range(len(active)))):
+        live = _timeline(view, units, [active[u] for u in cand], reads_of_op, stored,
+                         args, outputs, pins, consumers)
+        peak = _curve_peak(live, np.array([size[v] for v in live.temps]))
+        if best is None or peak < best[0]:
+            best = (peak, live)
+    return best[1]
+
+
+def _timeline(view, units, order, reads_of_op, stored, args, outputs, pins,
+              consumers) -> Liveness:
+    """Phases for the units in `order`; each stored value live from definition to last read.
+
+    Unit slot s has two phases: 2s, when its inputs are read (and a collective's input or
+    a pre-reshard copy exists), and 2s+1, when its results are written. A value lives from
+    the write phase of its producer to the write phase of its last reader (an op reads its
+    inputs while it writes), or to the read phase when that reader is an element-wise
+    fusion that writes its result over it (XLA shares an operand buffer with its user).
+    """
+    ops, values = view.ops, view.values
+    n_ops = len(ops)
+    arg_set, out_set = set(args), set(outputs)
+    slot = np.full(n_ops, -1, dtype=np.int64)
+    loop_of = np.full(n_ops, -1, dtype=np.int64)  # index into `loops`
+    loops: list[tuple[int, int]] = []  # (first slot, last slot)
+    state: set[int] = set()  # loop state: carries and stacked outputs
+    t = 0
+    for u in order:
+        members = units[u]
+        if len(members) == 1:
+            slot[members[0]] = t
+            t += 1
+            continue
+        body = [k for k in members if ops[k].mult != 1 or ops[k].prim == "carry"]
+        last_body = body[-1] if body else -1
+        first = t
+        for k in members:
+            op = ops[k]
+            if k > last_body and op.prim in ("alias", "scan_stack"):
+                continue
+            if op.prim == "carry" or k not in body:
+                slot[k] = first
+                if op.prim == "carry":
+                    state.update(op.outputs)
+            elif any(v in stored for v in op.outputs):
+                slot[k] = t
+                t += 1
+        last = max(t - 1, first)
+        made_at = {v: int(slot[k]) for k in members if slot[k] >= 0 for v in ops[k].outputs}
+        for k in members:
+            op = ops[k]
+            if k > last_body and op.prim in ("alias", "scan_stack"):
+                # Each iteration writes its layer into the stacked result as soon as the
+                # value exists (an in-place update fused with its producer).
+                slot[k] = max([made_at.get(b, first) for b in reads_of_op[k]], default=last)
+                state.update(op.outputs)
+            loop_of[k] = len(loops)
+        loops.append((first, last))
+        t = last + 1
+    n_slots = max(t, 1)
+    # Fused ops run inside the fusions that read them: first and last of those.
+    first_slot = slot.copy()
+    last_slot = slot.copy()
+    for k in range(n_ops - 1, -1, -1):
+        if slot[k] >= 0:
+            continue
+        lo, hi = n_slots, -1
+        for v in ops[k].outputs:
+            for c in consumers.get(v, ()):
+                if first_slot[c] >= 0:
+                    lo = min(lo, first_slot[c])
+                    hi = max(hi, last_slot[c])
+        if hi >= 0:
+            first_slot[k], last_slot[k] = lo, hi
+    start: dict[int, int] = {}
+    end: dict[int, int] = {}
+    for k in range(n_ops):
+        s = int(slot[k])
+        if s < 0:
+            continue
+        lp = int(loop_of[k])
+        for v in ops[k].outputs:
+            if v in stored and v not in arg_set:
+                s0 = loops[lp][0] if v in state else s
+                start[v] = 2 * s0 + 1
+                end[v] = max(end.get(v, -1), 2 * (loops[lp][1] if v in state else s) + 1)
+    for k in range(n_ops):
+        s = int(slot[k])
+        if s < 0:
+            continue
+        lp = int(loop_of[k])
+        for b in reads_of_op[k]:
+            if b in arg_set or b not in start:
+                continue
+            t_read = s
+            if lp >= 0 and not (loops[lp][0] * 2 + 1 <= start[b] <= loops[lp][1] * 2 + 1):
+                t_read = loops[lp][1]  # read from outside the loop: kept for all iterations
+            end[b] = max(end[b], 2 * t_read + 1)
+    # Element-wise fusions write over an operand of the same shape that dies with them.
+    for k in range(n_ops):
+        s = int(slot[k])
+        op = ops[k]
+        if s < 0 or loop_of[k] >= 0 or op.prim not in _FUSIBLE or op.kind != "op":
+            continue
+        for v in op.outputs:
+            if v not in stored or v in out_set:
+                continue
+            for b in reads_of_op[k]:
+                if (b in start and b not in out_set and b not in state
+                        and end[b] == 2 * s + 1 and values[b].shape == values[v].shape
+                        and values[b].dtype == values[v].dtype):
+                    end[b] = 2 * s
+                    break
+    temps = sorted(start, key=lambda v: start[v])
+    last_phase = 2 * n_slots - 1
+    st = np.array([start[v] for v in temps], dtype=np.int64)
+    en = np.array([last_phase if v in out_set else end[v] for v in temps], dtype=np.int64)
+    is_out = np.array([v in out_set for v in temps], dtype=bool)
+    pin = np.array([pins.get(v, -1) for v in temps], dtype=np.int64)
+    value_loop = {v: int(loop_of[k]) for k in range(n_ops) if loop_of[k] >= 0
+                  for v in ops[k].outputs}
+    loop_view = {op.outputs[0]: (op.inputs[0], op.prim == "scan_slice") for k, op in
+                 enumerate(ops) if loop_of[k] >= 0 and op.prim in ("scan_slice", "alias")
+                 and op.inputs and op.outputs and not values[op.inputs[0]].is_const}
+    return Liveness(tuple(temps), st, en, tuple(args), tuple(outputs), is_out, pin,
+                    2 * n_slots, first_slot, last_slot, loop_of, tuple(loops), value_loop,
+                    loop_view)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Sizes under a plan, and buffer assignment.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,59 +517,270 @@ def _bytes(view, v, layout: Layout, mesh_shape) -> float:
     return view.values[v].nbytes / shards(layout, mesh_shape)
 
 
+def _sizes(view, live: Liveness, layout_of, mesh_shape) -> np.ndarray:
+    """Bytes per device of each timeline entry; a pinned result in its input's layout."""
+    out = np.empty(len(live.temps))
+    for i, v in enumerate(live.temps):
+        p = int(live.pin[i]) if len(live.pin) else -1
+        lay = layout_of.get(p) if p >= 0 else None
+        out[i] = _bytes(view, v, lay if lay is not None else layout_of[v], mesh_shape)
+    return out
+
+
 def memory(view: PlanningView, live: Liveness, layout_of: dict[int, Layout], mesh_shape,
-           aliased: frozenset[int] = frozenset()) -> MemoryBreakdown:
-    """Per-device memory under the chosen layouts; `aliased` outputs reuse donated buffers."""
+           aliased: frozenset[int] = frozenset(),
+           op_layouts: dict[int, tuple[tuple[Layout, ...], tuple[Layout, ...]]] | None = None,
+           reduce_scatter: bool = False) -> MemoryBreakdown:
+    """Per-device memory under the chosen layouts; `aliased` results reuse donated buffers.
+
+    With `op_layouts` (op id -> (input layouts, output layouts)), the buffers the plan's
+    collectives add are counted too: a partial-sum result before its all-reduce, the
+    all-reduced result in full when a reduce-scatter is lowered to all-reduce + slice
+    (`reduce_scatter` False, as on XLA:CPU), and each value gathered or moved to another
+    layout (once per value and layout, from its first to its last reader there).
+    """
     arg = sum(_bytes(view, v, layout_of[v], mesh_shape) for v in live.args)
-    out = sum(_bytes(view, v, layout_of[v], mesh_shape) for v in live.outputs)
-    sizes = np.array([_bytes(view, v, layout_of[v], mesh_shape) for v in live.temps])
-    temp = _peak(live, sizes)
-    alias = sum(_bytes(view, v, layout_of[v], mesh_shape) for v in live.outputs if v in aliased)
-    return MemoryBreakdown(arg, out, temp, alias)
+    sizes = _sizes(view, live, layout_of, mesh_shape)
+    is_out = live.is_out if len(live.is_out) else np.zeros(len(sizes), bool)
+    is_alias = np.array([v in aliased for v in live.temps], dtype=bool)
+    # The results tuple holds one pointer per result, in the output allocation.
+    table = _TUPLE_POINTER_BYTES * len(live.outputs) if len(live.outputs) > 1 else 0
+    out = float(sizes[is_out].sum()) + table
+    alias = float(sizes[is_out & is_alias].sum())
+    ex_size: list[float] = []
+    ex_start: list[int] = []
+    ex_end: list[int] = []
+    # A result computed in another layout than its pinned one is first stored as computed,
+    # then moved into its own buffer.
+    if len(live.pin):
+        for i in np.flatnonzero(is_out & (live.pin >= 0)):
+            v = live.temps[i]
+            pinned = layout_of.get(int(live.pin[i]))
+            if pinned is not None and layout_of[v] != pinned:
+                ex_size.append(_bytes(view, v, layout_of[v], mesh_shape))
+                ex_start.append(int(live.start[i]) - 1)
+                ex_end.append(int(live.start[i]) - 1)
+    if op_layouts is not None and len(live.op_first):
+        _collective_buffers(view, live, layout_of, mesh_shape, op_layouts, reduce_scatter,
+                            sizes, ex_size, ex_start, ex_end)
+    temp_mask = ~is_out
+    t_sizes = np.concatenate([sizes[temp_mask], ex_size])
+    t_start = np.concatenate([live.start[temp_mask], ex_start]).astype(np.int64)
+    t_end = np.concatenate([live.end[temp_mask], ex_end]).astype(np.int64)
+    own = is_out & ~is_alias  # results in allocations of their own
+    heap = _assign(t_sizes, t_start, t_end, sizes[own], live.start[own])
+    return MemoryBreakdown(arg, out, heap, alias)
 
 
-def _peak(live: Liveness, sizes: np.ndarray) -> float:
-    """Largest sum of live temporaries over time (sweep over start/end events)."""
+def _partial_axes(op, ins) -> set[int]:
+    """Mesh axes over which `op`'s result holds partial sums (a split reduced loop)."""
+    dims = op.dims
+    red = dims.reduced_loops
+    if not red:
+        return set()
+    axes: set[int] = set()
+    for arr, lay in zip(dims.operands, ins):
+        if arr is None:
+            continue
+        for loops, split in zip(arr, lay):
+            if split and loops and loops[0] in red:
+                axes.update(split)
+    return axes
+
+
+def _collective_buffers(view, live, layout_of, mesh_shape, op_layouts, reduce_scatter,
+                        sizes, ex_size, ex_start, ex_end) -> None:
+    """Add the buffers of the plan's collectives to `sizes` and the extra lists."""
+    index = {v: i for i, v in enumerate(live.temps)}
+    moved: dict[tuple[int, Layout], list] = {}
+    for k, op in enumerate(view.ops):
+        s0 = int(live.op_first[k])
+        if s0 < 0 or op.kind != "op":
+            continue
+        lays = op_layouts.get(op.id)
+        if lays is None:
+            continue
+        ins, outs = lays
+        s1 = int(live.op_last[k])
+        if op.dims is not None:
+            partial = _partial_axes(op, ins)
+            if partial:
+                for v, lay in zip(op.outputs, outs):
+                    scattered = [mesh_shape[a] for d in lay for a in d if a in partial]
+                    pre = _bytes(view, v, lay, mesh_shape) * float(np.prod(scattered))
+                    ex_size.append(pre)
+                    ex_start.append(2 * s0)
+                    ex_end.append(2 * s0 + 1)
+                    i = index.get(v)
+                    if not reduce_scatter and i is not None and not live.is_out[i]:
+                        sizes[i] = max(sizes[i], pre)
+        for u, want in zip(op.inputs, ins):
+            have = layout_of.get(u)
+            if have is None or have == want or view.values[u].is_const:
+                continue
+            comms = reshard(view.values[u].nbytes, have, want, mesh_shape)
+            if not comms:
+                continue  # a local slice: fused into the reader
+            r0, r1 = s0, s1
+            lp = int(live.op_loop[k])
+            # XLA moves a parameter read by a loop as a whole, before the loop (the
+            # per-layer slice of a stacked array takes the stacked array's layout): one
+            # copy for all the loops that read it in that layout.
+            hoisted = _hoist(live, u, want, lp)
+            if hoisted is not None:
+                u, want, (r0, r1) = hoisted[0], hoisted[1], (min(r0, hoisted[2]),
+                                                            max(r1, hoisted[3]))
+                lp = -1
+            if lp >= 0 and live.value_loop.get(u, -1) != lp:
+                # Moved once before the loop, read by every iteration.
+                r0, r1 = min(r0, live.loop_span[lp][0]), max(r1, live.loop_span[lp][1])
+            # XLA:CPU produces the target layout directly only with one all-gather along
+            # the major dim; otherwise (a minor dim gathered, an all-to-all, a chain of
+            # collectives) the collective's result is relaid out by a copy, so two buffers
+            # exist at the first reader and none can be overwritten by the reader.
+            direct = len(comms) == 1 and comms[0].kind == "all-gather" and \
+                _major_gather(view.values[u].shape, have, want, mesh_shape)
+            fusible = op.prim in _FUSIBLE
+            shares = direct and fusible and any(
+                view.values[v].shape == view.values[u].shape for v in op.outputs)
+            if not direct and not fusible:
+                ex_size.append(max(c.nbytes for c in comms))
+                ex_start.append(2 * s0)
+                ex_end.append(2 * s0 + 1)
+            rec = moved.get((u, want))
+            if rec is None:
+                moved[(u, want)] = [_bytes(view, u, want, mesh_shape), r0, r1, shares]
+            else:
+                rec[1] = min(rec[1], r0)
+                if r1 > rec[2]:
+                    rec[2], rec[3] = r1, shares
+                elif r1 == rec[2]:
+                    rec[3] = rec[3] and shares
+    for nbytes, s0, s1, shares in moved.values():
+        ex_size.append(nbytes)
+        ex_start.append(2 * s0)
+        ex_end.append(2 * s1 + (0 if shares else 1))
+
+
+def _major_gather(shape, have, want, mesh_shape) -> bool:
+    """Whether every dim that loses tiles comes before any other dim of local size > 1."""
+    local = [n // math.prod(mesh_shape[a] for a in lay) for n, lay in zip(shape, want)]
+    for d, (h, w) in enumerate(zip(have, want)):
+        if math.prod(mesh_shape[a] for a in h) > math.prod(mesh_shape[a] for a in w):
+            if any(n > 1 for n in local[:d]):
+                return False
+    return True
+
+
+def _hoist(live, u, want, lp):
+    """(argument, its layout, first slot, last slot) when `u` is a loop's view of an argument."""
+    r0, r1 = None, None
+    while lp >= 0 and u in live.loop_view and live.value_loop.get(u, -1) == lp:
+        outer, stacked = live.loop_view[u]
+        if stacked:
+            want = ((),) + want
+        first, last = live.loop_span[lp]
+        r0 = first if r0 is None else min(r0, first)
+        r1 = last if r1 is None else max(r1, last)
+        u = outer
+        lp = live.value_loop.get(u, -1)
+    if r0 is None or lp >= 0 or u not in live.arg_set:
+        return None
+    return u, want, r0, r1
+
+
+def _assign(sizes, start, end, out_sizes, out_start) -> float:
+    """XLA's buffer assignment, simplified: bytes of the temporary heap.
+
+    Each result has an allocation of its own size; a temporary, largest first, reuses the
+    first such allocation (smallest first) that is large enough and holds nothing over
+    its life (the result itself is written at `out_start`). The rest share one heap whose
+    size is the peak of their live bytes.
+    """
     if not len(sizes):
         return 0.0
-    n = int(max(live.end.max(), live.start.max())) + 2
-    delta = np.zeros(n)
-    np.add.at(delta, live.start, sizes)
-    np.add.at(delta, live.end + 1, -sizes)
+    order = np.lexsort((start, -sizes))
+    n_slots = int(max(end.max(), out_start.max() if len(out_start) else 0)) + 1
+    a_order = np.argsort(out_sizes, kind="stable")
+    a_sizes = out_sizes[a_order]
+    a_free_until = out_start[a_order]  # a result's own value owns its allocation from then
+    busy = [0] * len(a_sizes)  # per allocation, a bit per phase (Python ints: sparse, fast)
+    heap = np.zeros(len(sizes), dtype=bool)
+    for i in order:
+        s, a, b = sizes[i], int(start[i]), int(end[i])
+        if s <= 0:
+            continue
+        mask = ((1 << (b - a + 1)) - 1) << a
+        for c in np.flatnonzero((a_sizes >= s) & (a_free_until > b)).tolist():
+            if not busy[c] & mask:
+                busy[c] |= mask
+                break
+        else:
+            heap[i] = True
+    if not heap.any():
+        return 0.0
+    delta = np.zeros(n_slots + 1)
+    np.add.at(delta, start[heap], sizes[heap])
+    np.add.at(delta, end[heap] + 1, -sizes[heap])
     return float(np.cumsum(delta).max())
 
 
-def peak_times(live: Liveness, sizes: np.ndarray, k: int) -> list[int]:
-    """The k op indices with the most live bytes (for the ILP's memory rows)."""
-    if not len(sizes):
-        return []
-    n = int(max(live.end.max(), live.start.max())) + 2
+def _curve(live: Liveness, sizes: np.ndarray) -> np.ndarray:
+    """Live bytes per slot: temporaries live then, plus results already written."""
+    n = max(live.n_phases, int(live.end.max()) + 1 if len(live.end) else 1) + 1
     delta = np.zeros(n)
     np.add.at(delta, live.start, sizes)
     np.add.at(delta, live.end + 1, -sizes)
-    curve = np.cumsum(delta)
-    return [int(t) for t in np.argsort(-curve)[:k]]
+    return np.cumsum(delta)[:-1]
+
+
+def _curve_peak(live: Liveness, sizes: np.ndarray) -> float:
+    return float(_curve(live, sizes).max()) if len(sizes) else 0.0
+
+
+def peak_times(live: Liveness, sizes: np.ndarray, k: int) -> list[int]:
+    """The k slots with the most live bytes (for the ILP's memory rows)."""
+    if not len(sizes):
+        return []
+    curve = _curve(live, sizes)
+    return [int(t) for t in np.argsort(-curve, kind="stable")[:k]]
 
 
 def memory_rows(problem, live: Liveness, limit: float, times: list[int],
                 aliased: frozenset[int]) -> tuple[MemoryRow, ...]:
-    """Linear memory constraints at the given op indices, one per index.
+    """Linear memory constraints at the given slots, one per slot.
 
-    Each row is arguments + outputs that do not reuse a donated buffer + temporaries live
-    at that time, all under the strategy each class takes.
+    Each row is arguments + results written by then (in their pinned layout; those reusing
+    a donated buffer excluded) + temporaries live then, all under the strategy each class
+    takes.
     """
     rows = []
     mesh_shape = problem.mesh_shape
-    always = set(live.args) | (set(live.outputs) - aliased)
+    where: dict[int, tuple[int, int]] = {}
+    for gi, g in enumerate(problem.groups):
+        for pi, v in enumerate(g.produced):
+            where[v] = (gi, pi)
     for t in times:
         coef = [np.zeros(len(s)) for s in problem.strategies]
-        counted = always | {live.temps[i] for i in live.live_at(t)}
-        for g in problem.groups:
-            strats = problem.strategies[g.cls]
-            for pi, v in enumerate(g.produced):
-                if v in counted:
-                    for s, strat in enumerate(strats):
-                        coef[g.cls][s] += _bytes(problem.view, v, strat.produced[pi],
-                                                 mesh_shape)
+
+        def add(v: int, laid_out_as: int):
+            if laid_out_as not in where:
+                return
+            gi, pi = where[laid_out_as]
+            g = problem.groups[gi]
+            for s, strat in enumerate(problem.strategies[g.cls]):
+                coef[g.cls][s] += _bytes(problem.view, v, strat.produced[pi], mesh_shape)
+
+        for v in live.args:
+            add(v, v)
+        for i in live.live_at(t):
+            v = live.temps[i]
+            if len(live.is_out) and live.is_out[i]:
+                if v in aliased:
+                    continue
+                p = int(live.pin[i])
+                add(v, p if p >= 0 and p in where else v)
+            else:
+                add(v, v)
         rows.append(MemoryRow(tuple(coef), 0.0, limit))
     return tuple(rows)
