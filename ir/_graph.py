@@ -7,6 +7,7 @@ scanned body is a layer that is planned once and run many times.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -26,7 +27,7 @@ class Value:
     dtype: np.dtype
     const: Any = None  # literal / closed-over constant, kept for re-interpretation
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         """Size in bytes of the whole (unsharded) array."""
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
@@ -77,6 +78,7 @@ class Graph:
     outputs: tuple[int, ...]
     input_info: tuple[InputInfo, ...] = ()
     unknown_primitives: tuple[str, ...] = ()
+    out_shape: Any = None  # the traced function's result as a pytree of ShapeDtypeStructs
 
     def producers(self) -> dict[int, Node]:
         """value id -> the node that computes it."""

@@ -177,7 +177,8 @@ def trace(fn: Callable, *args, roles: Sequence[str] | None = None) -> Graph:
     bad = [r for r in roles if r not in ROLES]
     if bad:
         raise ValueError(f"unknown role(s) {bad}; each role must be one of {ROLES}.")
-    closed = jax.make_jaxpr(fn)(*args)
+    # return_shape gives the result's pytree from the same trace (no second tracing pass).
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     builder = _Builder()
     g = builder.graph(closed.jaxpr, closed.consts)
     infos = []
@@ -192,4 +193,5 @@ def trace(fn: Callable, *args, roles: Sequence[str] | None = None) -> Graph:
                          "leaves; pass static values with static_argnums instead of as arrays.")
     g.input_info = tuple(infos)
     g.unknown_primitives = tuple(sorted(builder.unknown))
+    g.out_shape = out_shape
     return g

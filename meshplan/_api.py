@@ -127,7 +127,7 @@ class AutoParallel:
             dyn, fn = self._split(args)
             roles = tuple(self.roles) if self.roles else default_roles(len(dyn))
             graph = trace(fn, *dyn, roles=roles)
-            out_shape = jax.eval_shape(fn, *dyn)
+            out_shape = graph.out_shape
             pairs = _pairs(graph, dyn, out_shape, roles)
             dyn_donate = self._dynamic_donate(len(args))
             donated = frozenset(i.value for i in graph.input_info if i.arg_index in dyn_donate)

@@ -255,7 +255,7 @@ def _op_cost(op: POp, choice: OpChoice, view, comm: CommModel, device, eff,
     flops = op.flops / choice.split
     nbytes = sum(_nbytes(view, v) for v in op.inputs + op.outputs) / choice.split
     dtype = view.values[op.outputs[0]].dtype if op.outputs else np.float32
-    t = _roofline(flops, nbytes, device, str(dtype), op.prim in _MATMUL, eff) \
+    t = _roofline(flops, nbytes, device, dtype, op.prim in _MATMUL, eff) \
         if flops or nbytes else 0.0
     comms = [_lowered(c, rs_as_ar) for c in choice.comms]
     t += sum(comm.time(c.kind, c.nbytes, c.axes) for c in comms)

@@ -194,9 +194,18 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
         if not extra:
             break
         times = times + extra
-    names = cand.names or _role_names(problem, assignment, cand.mesh.shape)
-    cost, assignment = evaluate(problem, result.choice, live, aliased, names)
+    if cand.names is None:  # name axes by role, and relabel the per-axis breakdown
+        names = _role_names(problem, assignment, cand.mesh.shape)
+        rename = {f"axis:{'+'.join(f'a{i}' for i in axes)}": "axis:" + "+".join(
+            names[i] for i in axes) for axes in _axis_subsets(len(names))}
+        cost = dataclasses.replace(cost, breakdown=tuple((rename.get(k, k), v)
+                                                         for k, v in cost.breakdown))
     return Solved(cand, names, cost, assignment, result, problem)
+
+
+def _axis_subsets(n: int) -> list[tuple[int, ...]]:
+    """Non-empty sorted subsets of range(n): the axis groups a collective can span."""
+    return [tuple(i for i in range(n) if m >> i & 1) for m in range(1, 1 << n)]
 
 
 def graph_fingerprint(graph: Graph) -> str:
