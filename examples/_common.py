@@ -64,3 +64,14 @@ def token_batch(key: jax.Array, batch: int, seq: int, vocab: int) -> dict[str, j
     stream = jax.random.randint(key, (batch, seq + 1), 0, vocab, dtype=jnp.int32)
     return {"tokens": stream[:, :-1], "targets": stream[:, 1:]}
 
+
+def optimizer_step(loss_fn: Callable, tx) -> Callable:
+    """`train_step(params, opt_state, batch) -> (params, opt_state, loss)` for an optax `tx`."""
+    import optax
+
+    def train_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return train_step

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ._common import Example, causal_attention, normal_init, token_batch
+from ._common import Example, causal_attention, normal_init, optimizer_step, token_batch
 
 _INIT = normal_init(0.02)  # GPT-2 style initialisation
 
@@ -113,11 +113,7 @@ def make_gpt(batch: int = 8, seq: int = 32, hidden: int = 64, heads: int = 8, la
         logits = nnx.merge(graphdef, params)(batch["tokens"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
 
-    def train_step(params, opt_state, batch):
-        """One AdamW step on the next-token loss."""
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    train_step = optimizer_step(loss_fn, tx)
 
     return Example(
         name="gpt_scan" if scan else "gpt",

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._common import Example
+from ._common import Example, optimizer_step
 
 
 def make_mlp(batch: int = 32, d_in: int = 64, hidden: int = 256, depth: int = 3,
@@ -49,11 +49,7 @@ def make_mlp(batch: int = 32, d_in: int = 64, hidden: int = 256, depth: int = 3,
         """Mean squared error of the prediction."""
         return jnp.mean(jnp.square(forward(params, batch["x"]) - batch["y"]))
 
-    def train_step(params, opt_state, batch):
-        """One Adam step on the MSE loss."""
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    train_step = optimizer_step(loss_fn, tx)
 
     return Example(
         name="mlp",

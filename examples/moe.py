@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._common import Example, normal_init
+from ._common import Example, normal_init, optimizer_step
 
 _AUX_WEIGHT = 1e-2  # weight of the load-balancing loss
 
@@ -81,11 +81,7 @@ def make_moe(batch: int = 8, seq: int = 16, hidden: int = 32, experts: int = 8, 
             aux = aux + layer_aux
         return jnp.mean(jnp.square(x - batch["y"])) + _AUX_WEIGHT * aux / layers
 
-    def train_step(params, opt_state, batch):
-        """One Adam step on the total loss."""
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    train_step = optimizer_step(loss_fn, tx)
 
     return Example(
         name="moe",

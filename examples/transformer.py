@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._common import Example, causal_attention, layer_norm, normal_init, token_batch
+from ._common import (Example, causal_attention, layer_norm, normal_init, optimizer_step,
+                      token_batch)
 
 _NORMAL = normal_init(0.02)  # GPT-2 style initialisation
 
@@ -98,11 +99,7 @@ def make_transformer_scan(batch: int = 8, seq: int = 32, hidden: int = 64, heads
 
     args = jax.eval_shape(init) if abstract else jax.jit(init)()
 
-    def train_step(params, opt_state, batch):
-        """One AdamW step on the next-token loss."""
-        loss, grads = jax.value_and_grad(_loss)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    train_step = optimizer_step(_loss, tx)
 
     return Example(
         name="transformer_scan",
