@@ -95,9 +95,9 @@ class _Builder:
                 values[v.id] = v
                 env[var] = v.id
                 outs.append(v.id)
-            nodes.append(self._node(len(nodes), eqn, prim, ins, outs, values))
+            nodes.append(self._node(eqn, prim, ins, outs, values))
 
-    def _node(self, index, eqn, prim, ins, outs, values) -> Node:
+    def _node(self, eqn, prim, ins, outs, values) -> Node:
         in_avals = [x.aval for x in eqn.invars]
         out_avals = [x.aval for x in eqn.outvars]
         nbytes = float(sum(values[i].nbytes for i in ins) + sum(values[o].nbytes for o in outs))

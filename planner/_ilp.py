@@ -132,23 +132,25 @@ def _marginals(solver, x, e, src_keys, dst_keys, rows, cols, name):
     """Joint variables y[i, j] whose marginals are the producer's and consumer's one-hots."""
     y = {(i, j): solver.NumVar(0.0, 1.0, f"{name}[from={i},to={j}]")
          for i in range(rows) for j in range(cols)}
-    # (Built with Constraint/SetCoefficient: pywraplp's operator API is several times
-    # slower on the tens of thousands of rows a model has.)
     for i in range(rows):
         # Marginal on the producer: exactly its chosen layout's row is switched on.
-        ct = solver.Constraint(0.0, 0.0)
-        for j in range(cols):
-            ct.SetCoefficient(y[i, j], 1.0)
-        for s in np.flatnonzero(src_keys == i):
-            ct.SetCoefficient(x[e.src, int(s)], -1.0)
+        _equal_sums(solver, [y[i, j] for j in range(cols)],
+                    [x[e.src, int(s)] for s in np.flatnonzero(src_keys == i)])
     for j in range(cols):
         # Marginal on the consumer: exactly its wanted layout's column is switched on.
-        ct = solver.Constraint(0.0, 0.0)
-        for i in range(rows):
-            ct.SetCoefficient(y[i, j], 1.0)
-        for s in np.flatnonzero(dst_keys == j):
-            ct.SetCoefficient(x[e.dst, int(s)], -1.0)
+        _equal_sums(solver, [y[i, j] for i in range(rows)],
+                    [x[e.dst, int(s)] for s in np.flatnonzero(dst_keys == j)])
     return y
+
+
+def _equal_sums(solver, left, right) -> None:
+    """sum(left) == sum(right), built with Constraint/SetCoefficient: pywraplp's operator
+    API is several times slower on the tens of thousands of rows a model has."""
+    ct = solver.Constraint(0.0, 0.0)
+    for var in left:
+        ct.SetCoefficient(var, 1.0)
+    for var in right:
+        ct.SetCoefficient(var, -1.0)
 
 
 def _add_edge(solver, objective, x, e, k, scale):

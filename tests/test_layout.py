@@ -17,13 +17,6 @@ from meshplan.planner._layout import Comm, legal, reshard
 from meshplan.planner._plan import spec_of
 from meshplan.runtime import measure
 
-try:  # tests/conftest.py may already have asked for 8 CPU devices and started JAX
-    jax.config.update("jax_num_cpu_devices", 8)
-except RuntimeError:
-    pass
-if jax.device_count() < 8:
-    pytest.skip("needs 8 (CPU) devices", allow_module_level=True)
-
 F32 = 4
 
 # (mesh shape, array shape, src, dst): one or more per rule of planner/_layout.py's docstring.

@@ -12,13 +12,6 @@ from jax.sharding import PartitionSpec as P
 from meshplan.runtime import _measure
 from meshplan.runtime._measure import Collective, Measured, measure, parse_collectives
 
-try:  # tests/conftest.py may already have asked for 8 CPU devices and started JAX
-    jax.config.update("jax_num_cpu_devices", 8)
-except RuntimeError:
-    pass
-if jax.device_count() < 8:
-    pytest.skip("needs 8 (CPU) devices", allow_module_level=True)
-
 F32 = 4  # bytes
 
 
