@@ -207,7 +207,6 @@ class Plan:
 
     def to_json(self) -> str:
         """The plan as JSON (never pickle); `Plan.from_json` reads it back."""
-        import jax
         doc = {
             "format": PLAN_FORMAT,
             "mesh_shape": list(self.mesh_shape),
@@ -232,7 +231,6 @@ class Plan:
             "input_paths": list(self.input_paths),
             "notes": list(self.notes),
         }
-        del jax
         return json.dumps(doc, indent=1)
 
     @classmethod

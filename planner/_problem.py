@@ -263,7 +263,7 @@ def _op_cost(op: POp, choice: OpChoice, view, comm: CommModel, device, eff,
 
 
 @functools.lru_cache(maxsize=4096)
-def _unit_times(device, dtype: str, is_matmul: bool, eff) -> tuple[float, float]:
+def _unit_times(device, dtype, is_matmul: bool, eff) -> tuple[float, float]:
     """(seconds per FLOP, seconds per byte): op_time at 1 FLOP and at 1 byte, memoised."""
     return (op_time(1.0, 0.0, device, dtype, is_matmul, eff),
             op_time(0.0, 1.0, device, dtype, is_matmul, eff))
