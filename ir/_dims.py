@@ -11,6 +11,7 @@ partial results that must be all-reduced. An array dimension that walks no loop 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -51,7 +52,7 @@ class DimMap:
     reduction: str | None = None  # how reduced loop dims combine; None: they may not be split
     main: int | None = 0  # operand whose layout a follower inherits; None: a source op
 
-    @property
+    @functools.cached_property  # asked for every op of every candidate plan
     def reduced_loops(self) -> frozenset[int]:
         """Loop dims that no output walks: splitting them leaves partial results."""
         seen = {l for out in self.outputs for g in out for l in g}
@@ -63,7 +64,7 @@ def _identity(rank: int) -> ArrayDims:
 
 
 def _shape(aval) -> tuple[int, ...]:
-    return tuple(int(d) for d in aval.shape)
+    return tuple(map(int, aval.shape))
 
 
 def elementwise_map(in_shapes: Sequence[tuple[int, ...]], out_shape: tuple[int, ...],

@@ -9,6 +9,7 @@ import numpy as np
 
 from meshplan.ir._dims import dim_map, flops_of
 from meshplan.ir._graph import ROLES, Graph, InputInfo, Node, Value
+from meshplan.ir._util import paused_gc
 
 # Call-like primitives whose body is spliced into the caller: they add no semantics a
 # partitioner must respect (remat is kept apart, as a region, so it can be re-applied).
@@ -177,10 +178,11 @@ def trace(fn: Callable, *args, roles: Sequence[str] | None = None) -> Graph:
     bad = [r for r in roles if r not in ROLES]
     if bad:
         raise ValueError(f"unknown role(s) {bad}; each role must be one of {ROLES}.")
-    # return_shape gives the result's pytree from the same trace (no second tracing pass).
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    builder = _Builder()
-    g = builder.graph(closed.jaxpr, closed.consts)
+    with paused_gc():
+        # return_shape gives the result's pytree from the same trace (no second pass).
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        builder = _Builder()
+        g = builder.graph(closed.jaxpr, closed.consts)
     infos = []
     flat_i = 0
     for arg_index, arg in enumerate(args):

@@ -75,12 +75,14 @@ def evaluate(problem: Problem, choice, live: Liveness, aliased: frozenset[int] =
     compute = 0.0
     flops = 0.0
     comms: list[tuple[Comm, int, str]] = []
-    for g in problem.groups:
-        strat = problem.strategies[g.cls][choice[g.cls]]
-        flops += strat.flops
-        own = sum(m * comm.time(c.kind, c.nbytes, c.axes) for c, m in strat.comms)
-        compute += strat.time - own
-        comms += [(c, m, "collective") for c, m in strat.comms]
+    # The groups of a class are identical: cost one, count it class_size times.
+    for c, members in enumerate(problem.classes):
+        strat = problem.strategies[c][choice[c]]
+        n = len(members)
+        flops += n * strat.flops
+        own = sum(m * comm.time(x.kind, x.nbytes, x.axes) for x, m in strat.comms)
+        compute += n * (strat.time - own)
+        comms += [(x, n * m, "collective") for x, m in strat.comms]
     seen: set = set()
     for g in problem.groups:
         strat = problem.strategies[g.cls][choice[g.cls]]

@@ -76,6 +76,9 @@ def replicated(rank: int) -> Layout:
     return ((),) * rank
 
 
+# Memoised: the memory model asks this for every value of every candidate plan, over a
+# few dozen distinct layouts.
+@functools.lru_cache(maxsize=4096)
 def shards(layout: Layout, mesh_shape: tuple[int, ...]) -> int:
     """How many pieces the layout cuts an array into."""
     return math.prod(mesh_shape[a] for dim in layout for a in dim)

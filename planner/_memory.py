@@ -323,23 +323,21 @@ def liveness(view: PlanningView) -> Liveness:
     src: dict[int, tuple[int, ...]] = {v: (v,) for v in args}
     reads_of_op: list[tuple[int, ...]] = []
     for op in ops:
-        rd: list[int] = []
+        # An ordered set: fused chains can read hundreds of buffers.
+        rd: dict[int, None] = {}
         for v in op.inputs:
-            for b in src.get(v, ()):
-                if b not in rd:
-                    rd.append(b)
+            rd.update(dict.fromkeys(src.get(v, ())))
         # Carries also read their initial value (copied into the loop state) and the
         # body's new value (written back each iteration).
         if op.prim == "carry":
             for s in op.slots:
-                for b in src.get(s.value, ()):
-                    if b not in rd:
-                        rd.append(b)
-        reads_of_op.append(tuple(rd))
+                rd.update(dict.fromkeys(src.get(s.value, ())))
+        reads = tuple(rd)
+        reads_of_op.append(reads)
         for v in op.outputs:
             if v in arg_set:
                 continue
-            src[v] = (v,) if v in stored else tuple(rd)
+            src[v] = (v,) if v in stored else reads
 
     units = _units(view)
     # A unit reads what its ops read from outside it and defines the stored values that
@@ -349,13 +347,9 @@ def liveness(view: PlanningView) -> Liveness:
     for members in units:
         defs = [v for k in members for v in ops[k].outputs if v in stored]
         ds = set(defs)
-        rd: list[int] = []
-        for k in members:
-            for b in reads_of_op[k]:
-                if b not in ds and b not in rd:
-                    rd.append(b)
+        outside = dict.fromkeys(b for k in members for b in reads_of_op[k] if b not in ds)
         unit_defs.append(defs)
-        unit_reads.append(rd)
+        unit_reads.append(list(outside))
     size = {v: float(values[v].nbytes) for v in stored | arg_set}
     never = arg_set | out_set
     scalar = [bool(defs) and all(len(values[b].shape) == 0 for b in defs) for defs in unit_defs]
@@ -705,14 +699,17 @@ def _assign(sizes, start, end, out_sizes, out_start) -> float:
     a_sizes = out_sizes[a_order]
     a_free_until = out_start[a_order]  # a result's own value owns its allocation from then
     busy = [0] * len(a_sizes)  # per allocation, a bit per phase (Python ints: sparse, fast)
+    free_until = a_free_until.tolist()
+    # The first allocation large enough, per temporary (a_sizes is sorted).
+    first_fit = np.searchsorted(a_sizes, sizes, side="left").tolist()
     heap = np.zeros(len(sizes), dtype=bool)
-    for i in order:
-        s, a, b = sizes[i], int(start[i]), int(end[i])
-        if s <= 0:
+    for i in order.tolist():
+        a, b = int(start[i]), int(end[i])
+        if sizes[i] <= 0:
             continue
         mask = ((1 << (b - a + 1)) - 1) << a
-        for c in np.flatnonzero((a_sizes >= s) & (a_free_until > b)).tolist():
-            if not busy[c] & mask:
+        for c in range(first_fit[i], len(busy)):
+            if free_until[c] > b and not busy[c] & mask:
                 busy[c] |= mask
                 break
         else:
@@ -754,22 +751,28 @@ def memory_rows(problem, live: Liveness, limit: float, times: list[int],
     a donated buffer excluded) + temporaries live then, all under the strategy each class
     takes.
     """
-    rows = []
     mesh_shape = problem.mesh_shape
     where: dict[int, tuple[int, int]] = {}
-    for gi, g in enumerate(problem.groups):
+    for g in problem.groups:
         for pi, v in enumerate(g.produced):
-            where[v] = (gi, pi)
+            where[v] = (g.cls, pi)
+    # Per (class, produced index): 1 / shards under each strategy. A value's bytes per
+    # device are its size times that, so a row sums sizes per (class, index) first and
+    # multiplies once: linear in live values, not in values x strategies.
+    inverse: dict[tuple[int, int], np.ndarray] = {}
+    for c, strats in enumerate(problem.strategies):
+        for pi in range(len(strats[0].produced) if strats else 0):
+            inverse[c, pi] = np.array([1.0 / shards(st.produced[pi], mesh_shape)
+                                       for st in strats])
+    values = problem.view.values
+    rows = []
     for t in times:
-        coef = [np.zeros(len(s)) for s in problem.strategies]
+        total: dict[tuple[int, int], float] = {}
 
         def add(v: int, laid_out_as: int):
-            if laid_out_as not in where:
-                return
-            gi, pi = where[laid_out_as]
-            g = problem.groups[gi]
-            for s, strat in enumerate(problem.strategies[g.cls]):
-                coef[g.cls][s] += _bytes(problem.view, v, strat.produced[pi], mesh_shape)
+            key = where.get(laid_out_as)
+            if key is not None:
+                total[key] = total.get(key, 0.0) + float(values[v].nbytes)
 
         for v in live.args:
             add(v, v)
@@ -782,5 +785,8 @@ def memory_rows(problem, live: Liveness, limit: float, times: list[int],
                 add(v, p if p >= 0 and p in where else v)
             else:
                 add(v, v)
+        coef = [np.zeros(len(st)) for st in problem.strategies]
+        for (c, pi), b in total.items():
+            coef[c] += b * inverse[c, pi]
         rows.append(MemoryRow(tuple(coef), 0.0, limit))
     return tuple(rows)

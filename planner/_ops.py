@@ -91,9 +91,10 @@ def build_view(graph: Graph, pairs: dict[int, int] | None = None) -> PlanningVie
         params = ()
         if node is not None and node.eqn is not None:
             params = tuple(sorted((k, _short(v)) for k, v in node.eqn.params.items()))
-        return (prim, tuple((values[v].shape, str(values[v].dtype), values[v].is_const)
+        # dtype objects hash and compare by value; str(dtype) costs a microsecond per call.
+        return (prim, tuple((values[v].shape, values[v].dtype, values[v].is_const)
                             for v in ins),
-                tuple((values[v].shape, str(values[v].dtype)) for v in outs), params, extra)
+                tuple((values[v].shape, values[v].dtype) for v in outs), params, extra)
 
     def add(kind, prim, ins, outs, dims, flops, mult, node=None, slots=(), role="other", path=""):
         ops.append(POp(new_id(), kind, prim, tuple(ins), tuple(outs), dims, flops, mult, node,

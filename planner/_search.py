@@ -11,6 +11,7 @@ import numpy as np
 
 from meshplan.costmodel import Cluster, Efficiency
 from meshplan.ir import Graph
+from meshplan.ir._util import paused_gc
 from meshplan.planner._evaluate import Cost, evaluate
 from meshplan.planner._ilp import SolveResult, refine, solve
 from meshplan.planner._memory import liveness, memory_rows, peak_times
@@ -218,6 +219,7 @@ def graph_fingerprint(graph: Graph) -> str:
     return h.hexdigest()
 
 
+@paused_gc()
 def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraints(),
            options: SearchOptions = SearchOptions(), *, pairs: dict[int, int] | None = None,
            donated: frozenset[int] = frozenset(), out_values: tuple[int, ...] = (),
@@ -311,6 +313,7 @@ def _to_plan(graph, cluster, best: Solved, view, out_values, in_treedef, out_tre
         input_paths=tuple(i.path for i in graph.input_info))
 
 
+@paused_gc()
 def estimate_plan(graph: Graph, plan: Plan, cluster: Cluster,
                   options: SearchOptions = SearchOptions(), *, pairs=None,
                   donated: frozenset[int] = frozenset()) -> Cost:
