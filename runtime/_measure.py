@@ -8,8 +8,9 @@ contract"), so a plan's `cost` and its measurement can be compared number to num
   SPMD-partitioned program one device runs), corrected for while loops: XLA's cost
   analysis counts a loop body once, not once per iteration, so every `dot` and
   `convolution` (fused or not) is re-counted from the HLO text with the trip counts
-  of the loops around it (see `Measured.flops`); the uncorrected number is kept as
-  `xla_flops`;
+  of the loops around it, and element-wise work the cost analysis counts for elements
+  a fusion never computes (upstream of a slice inside the fusion) is taken out (see
+  `Measured.flops`); the uncorrected number is kept as `xla_flops`;
 * memory from `compiled.memory_analysis()`;
 * `comm_bytes` from the optimized HLO text (`compiled.as_text()`): every collective,
   its payload S, its group size n, and how many times per step it runs (the trip
@@ -112,7 +113,11 @@ class Measured:
         while loops (a dot: 2 * result elements * contracted size; a convolution:
         2 * result batch * output features * valid window positions * input features
         per group, as XLA defines them). Without while loops this equals `xla_flops`
-        exactly. Element-wise and reduction FLOPs inside loop bodies are still counted
+        exactly. Minus the element-wise FLOPs XLA counts at full shape for ops that
+        feed a slice inside a fusion, which compute only the sliced elements (XLA
+        duplicates a fused producer into each slice taken for an all-to-all, and cost
+        analysis counts every copy in full). Without such slices this is 0.
+        Element-wise and reduction FLOPs inside loop bodies are still counted
         once (they are not re-derived from the HLO), which for matmul-dominated layers
         is well under 1% of the total. Matmuls lowered to custom calls (e.g. cuBLAS on
         GPU) are not recognised, just as XLA's cost analysis does not count them.
@@ -181,7 +186,9 @@ def measure(compiled: Any) -> Measured:
     counts = _execution_counts(module, notes)
     collectives = _collectives(module, counts)
     xla_flops = _flops(compiled.cost_analysis())
-    flops = xla_flops + _loop_flops_correction(module, counts, notes)
+    once = _execution_counts(module, [], loops=False)
+    flops = xla_flops + _loop_flops_correction(module, counts, notes) - \
+        _unneeded_fusion_flops(module, once)
     memory = compiled.memory_analysis()
     argument = int(getattr(memory, "argument_size_in_bytes", 0) or 0)
     output = int(getattr(memory, "output_size_in_bytes", 0) or 0)
@@ -944,6 +951,77 @@ def _loop_flops_correction(
                 )
                 continue
             extra += missing * flops
+    return extra
+
+
+# ---------------------------------------------------------------------------------
+# Element-wise FLOPs counted for elements a fusion never computes
+# ---------------------------------------------------------------------------------
+
+# Opcodes XLA's cost analysis counts as one FLOP per result element (checked on jax
+# 0.10.2 CPU: add, convert, compare, clamp and maximum count 1000 on f32[1000]; select
+# counts its own 1000 besides its compare's; sqrt and exp count as transcendentals).
+_ELEMENTWISE_FLOP_OPCODES = frozenset(
+    "add subtract multiply divide remainder maximum minimum negate abs sign floor ceil "
+    "round-nearest-afz round-nearest-even compare select clamp convert and or xor not".split())
+# Opcodes that pass their result's demand on to their operand unchanged.
+_PASS_THROUGH_OPCODES = _ELEMENTWISE_FLOP_OPCODES | frozenset(
+    "bitcast reshape copy transpose broadcast".split())
+_SLICE_OPCODES = frozenset({"slice", "dynamic-slice"})
+
+
+def _demanded_fractions(body: list[_Instruction]) -> dict[str, float]:
+    """Per instruction of a fused computation, the fraction of its elements the fusion's
+    result needs: below 1 only upstream of a slice.
+
+    Instructions are in definition order, so walking them backwards visits users first.
+    A slice needs (its elements / its operand's) of the demand on it; element-wise and
+    layout ops pass the demand on; anything else (reductions, dots, gathers) needs all
+    of its operands.
+    """
+    demand: dict[str, float] = {}
+    for inst in reversed(body):
+        mine = 1.0 if inst.is_root else demand.get(inst.name, 1.0)
+        names = _operand_names(inst.operands)
+        for k, name in enumerate(names):
+            if inst.opcode in _SLICE_OPCODES and k == 0:
+                whole = next((i for i in body if i.name == name), None)
+                part = _array_dims(inst.shape)
+                full = _array_dims(whole.shape) if whole is not None else None
+                need = mine * math.prod(part) / max(math.prod(full), 1) \
+                    if part is not None and full else mine
+            elif inst.opcode in _PASS_THROUGH_OPCODES:
+                need = mine
+            else:
+                need = 1.0
+            demand[name] = max(demand.get(name, 0.0), need)
+    return demand
+
+
+def _unneeded_fusion_flops(module: _Module, once: Mapping[str, int]) -> float:
+    """Element-wise FLOPs XLA's cost analysis counts for elements no fusion computes.
+
+    XLA's loop-fusion emitter computes a fusion's result element by element, so the
+    element-wise ops feeding a slice inside a fusion run only for the sliced elements;
+    the cost analysis counts them at their full shape. This happens when an all-to-all
+    or a dynamic-slice reshard takes slices of a fused element-wise result: the fusion
+    is duplicated once per slice (8 slices of a gelu before an 8-way all-to-all count 8
+    full gelus). Returns the count to subtract, weighted as cost analysis weights
+    computations (`once`: while bodies once).
+    """
+    fused = {match["name"] for body in module.computations.values() for inst in body
+             if inst.opcode == "fusion" for match in _CALLED_ONCE_RE.finditer(inst.attrs)}
+    extra = 0.0
+    for name in fused:
+        body = module.computations.get(name)
+        times = once.get(name, 0)
+        if not body or not times or not any(i.opcode in _SLICE_OPCODES for i in body):
+            continue
+        demand = _demanded_fractions(body)
+        for inst in body:
+            dims = _array_dims(inst.shape)
+            if inst.opcode in _ELEMENTWISE_FLOP_OPCODES and dims is not None:
+                extra += times * math.prod(dims) * (1.0 - demand.get(inst.name, 1.0))
     return extra
 
 

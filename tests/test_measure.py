@@ -134,6 +134,32 @@ def test_all_to_all_tuple_form(mesh):
     assert a2a.comm_bytes == 7 / 8 * 8 * 128 * F32
 
 
+def test_all_to_all_of_an_elementwise_result_counts_work_done_once(mesh):
+    # XLA fuses `a * 2 + 1` into each slice it sends and its cost analysis counts every
+    # copy at full size; each device computes its [8, 128] block once: 2 FLOPs each.
+    compiled = _compile(mesh, lambda a: a * 2.0 + 1.0, (P(("dp", "tp"), None),),
+                        P(None, ("dp", "tp")), jnp.ones((64, 128)))
+    measured = measure(compiled)
+    assert measured.xla_flops > 2 * 8 * 128  # the over-count this corrects
+    assert measured.flops == 2 * 8 * 128
+
+
+@pytest.mark.parametrize("take", [lambda z: z[:100],
+                                  lambda z: jax.lax.dynamic_slice(z, (jnp.int32(3),), (100,))])
+def test_elementwise_ops_feeding_a_slice_count_sliced_elements(take):
+    x = jnp.ones((1000,))
+    measured = measure(jax.jit(lambda x, y: take(x * y + 1.0)).lower(x, x).compile())
+    assert measured.xla_flops == 2 * 1000
+    assert measured.flops == 2 * 100
+
+
+def test_a_slice_does_not_discount_what_a_reduction_also_reads():
+    x = jnp.ones((1000,))
+    f = lambda x, y: (x * y)[:100] + (x * y).sum()  # noqa: E731
+    measured = measure(jax.jit(f).lower(x, x).compile())
+    assert measured.flops == measured.xla_flops
+
+
 def test_ppermute_ring_and_self_pairs(mesh):
     ring = [(i, (i + 1) % 4) for i in range(4)]
     shift = _shard_map(mesh, lambda a: jax.lax.ppermute(a, "tp", ring), P("tp"), P("tp"))
