@@ -37,11 +37,13 @@ class _Builder:
 
     next_id: int = 0
     unknown: set = dataclasses.field(default_factory=set)
+    # (primitive, params, shapes) -> (DimMap, FLOPs): repeated layers ask the same.
+    semantics: dict = dataclasses.field(default_factory=dict)
 
     def value(self, aval, const=None) -> Value:
-        shape = tuple(int(d) for d in getattr(aval, "shape", ()))
-        dtype = np.dtype(getattr(aval, "dtype", np.float32)) if hasattr(aval, "dtype") else \
-            np.dtype(np.float32)
+        shape = tuple(map(int, getattr(aval, "shape", ())))
+        dtype = getattr(aval, "dtype", None)
+        dtype = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype or np.float32)
         v = Value(self.next_id, shape, dtype, const)
         self.next_id += 1
         return v
@@ -99,18 +101,25 @@ class _Builder:
             nodes.append(self._node(eqn, prim, ins, outs, values))
 
     def _node(self, eqn, prim, ins, outs, values) -> Node:
-        in_avals = [x.aval for x in eqn.invars]
-        out_avals = [x.aval for x in eqn.outvars]
-        nbytes = float(sum(values[i].nbytes for i in ins) + sum(values[o].nbytes for o in outs))
         if prim in _REGIONS:
+            nbytes = float(sum(values[v].nbytes for v in ins + outs))
             bodies, trip = self._bodies(eqn, prim)
             return Node(self.next_node(), prim, tuple(ins), tuple(outs), 0.0, nbytes, None,
                         eqn, bodies, trip)
-        const = [values[i].is_const for i in ins]
-        dims = dim_map(prim, eqn.params, in_avals, out_avals, const)
+        const = tuple(values[i].is_const for i in ins)
+        key = _semantics_key(prim, eqn.params, ins, outs, const, values)
+        found = self.semantics.get(key) if key is not None else None
+        if found is None:
+            in_avals = [x.aval for x in eqn.invars]
+            out_avals = [x.aval for x in eqn.outvars]
+            dims = dim_map(prim, eqn.params, in_avals, out_avals, const)
+            found = (dims, flops_of(prim, eqn.params, in_avals, out_avals, dims),
+                     float(sum(values[v].nbytes for v in ins + outs)))
+            if key is not None:
+                self.semantics[key] = found
+        dims, flops, nbytes = found
         if dims is None and prim not in _KNOWN_OPAQUE:
             self.unknown.add(prim)
-        flops = flops_of(prim, eqn.params, in_avals, out_avals, dims)
         return Node(self.next_node(), prim, tuple(ins), tuple(outs), flops, nbytes, dims, eqn)
 
     def next_node(self) -> int:
@@ -130,6 +139,18 @@ class _Builder:
             return (cond, body), _while_trip_count(eqn)
         branches = tuple(self.graph(*_open(b)) for b in p["branches"])
         return branches, 1
+
+
+def _semantics_key(prim, params, ins, outs, const, values) -> tuple | None:
+    """What an op's DimMap and FLOPs depend on, or None if its params do not hash."""
+    key = (prim, tuple(sorted(params.items())),
+           tuple((values[i].shape, values[i].dtype) for i in ins),
+           tuple((values[o].shape, values[o].dtype) for o in outs), const)
+    try:
+        hash(key)
+    except TypeError:  # e.g. a jaxpr-valued or array-valued parameter
+        return None
+    return key
 
 
 # Primitives that are understood but deliberately kept whole (replicated): not "unknown".
