@@ -251,7 +251,9 @@ def solve(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (), time_limit:
     one-hots. That formulation has a tight LP relaxation: its optimum is nearly always
     integral. So the LP is solved first (HiGHS, simplex); an integral answer is optimal
     for the integer program too. Otherwise the HiGHS MIP runs with the time left, and the
-    rounded LP answer and a greedy plan are fallbacks.
+    rounded LP answer and a greedy plan (or `hint`) are fallbacks. The fallback is not
+    handed to HiGHS as a MIP start: solution hints through OR-tools' model builder crash
+    HiGHS (segmentation fault, ortools 9.15); the best of all candidates is returned.
     """
     start = _time.perf_counter()
     # ---- Data

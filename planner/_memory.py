@@ -42,6 +42,7 @@ out (a lower bound of what packing achieves, without the plan's collective buffe
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import heapq
@@ -698,19 +699,26 @@ def _assign(sizes, start, end, out_sizes, out_start) -> float:
     a_order = np.argsort(out_sizes, kind="stable")
     a_sizes = out_sizes[a_order]
     a_free_until = out_start[a_order]  # a result's own value owns its allocation from then
-    busy = [0] * len(a_sizes)  # per allocation, a bit per phase (Python ints: sparse, fast)
+    # Busy phases of each allocation: disjoint intervals sorted by start. (A bit mask per
+    # allocation costs time in proportion to the phase number: slow for long steps.)
+    busy_from: list[list[int]] = [[] for _ in a_sizes]
+    busy_to: list[list[int]] = [[] for _ in a_sizes]
     free_until = a_free_until.tolist()
     # The first allocation large enough, per temporary (a_sizes is sorted).
     first_fit = np.searchsorted(a_sizes, sizes, side="left").tolist()
+    first, last, size = start.tolist(), end.tolist(), sizes.tolist()
     heap = np.zeros(len(sizes), dtype=bool)
     for i in order.tolist():
-        a, b = int(start[i]), int(end[i])
-        if sizes[i] <= 0:
+        a, b = first[i], last[i]
+        if size[i] <= 0:
             continue
-        mask = ((1 << (b - a + 1)) - 1) << a
-        for c in range(first_fit[i], len(busy)):
-            if free_until[c] > b and not busy[c] & mask:
-                busy[c] |= mask
+        for c in range(first_fit[i], len(free_until)):
+            if free_until[c] <= b:
+                continue
+            k = bisect.bisect_right(busy_from[c], b)
+            if k == 0 or busy_to[c][k - 1] < a:  # no busy interval meets [a, b]
+                busy_from[c].insert(k, a)
+                busy_to[c].insert(k, b)
                 break
         else:
             heap[i] = True
