@@ -12,6 +12,8 @@ solvers or JAX shardings (dependencies point one way: ir <- costmodel <- planner
 - :func:`comm_bytes`, :func:`collective_time`, :func:`collective_algorithms`,
   :func:`p2p_time`: communication, alpha-beta per algorithm.
 - :class:`Efficiency`, :func:`op_time`, :func:`compute_time`: roofline compute time.
+- :func:`pipeline_time`, :class:`PipelineTime`, :data:`SCHEDULES`: GPipe, 1F1B and
+  interleaved 1F1B step time, bubble and in-flight activations from per-stage times.
 
 >>> from meshplan import costmodel as cm
 >>> c = cm.dgx_a100(nodes=2)
@@ -36,6 +38,7 @@ from meshplan.costmodel._device import (
     V100_32GB,
     DeviceSpec,
 )
+from meshplan.costmodel._pipeline import SCHEDULES, PipelineTime, in_flight, pipeline_time
 from meshplan.costmodel._presets import custom, dgx_a100, dgx_h100
 
 __all__ = [
@@ -58,4 +61,8 @@ __all__ = [
     "Efficiency",
     "op_time",
     "compute_time",
+    "SCHEDULES",
+    "PipelineTime",
+    "in_flight",
+    "pipeline_time",
 ]

@@ -459,7 +459,7 @@ def test_efficiency_validation():
 
 
 @pytest.mark.parametrize("module", ["", "_device", "_cluster", "_collectives", "_compute",
-                                    "_presets"])
+                                    "_pipeline", "_presets"])
 def test_docstring_examples(module):
     import importlib
     mod = importlib.import_module("meshplan.costmodel" + ("." + module if module else ""))

@@ -1,0 +1,135 @@
+"""Pipeline schedules (costmodel.pipeline_time) and the stage split DP (planner._stages)."""
+import doctest
+import itertools
+import random
+
+import pytest
+
+from meshplan.costmodel import pipeline_time
+from meshplan.planner._stages import split_stages
+
+
+# ----------------------------------------------------------------------- schedule formulas
+
+@pytest.mark.parametrize("p, m", [(2, 1), (2, 8), (4, 4), (4, 16), (8, 32)])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_bubble_is_p_minus_1_over_m(schedule, p, m):
+    t = pipeline_time([0.3] * p, [0.7] * p, microbatches=m, schedule=schedule)
+    assert t.bubble_fraction == pytest.approx((p - 1) / m)
+    assert t.step_time == pytest.approx((m + p - 1) * 1.0)  # Megatron: (m + p - 1)(t_f + t_b)
+
+
+@pytest.mark.parametrize("p, v, m", [(2, 2, 4), (4, 2, 8), (4, 4, 16), (8, 3, 24)])
+def test_interleaved_bubble_is_p_minus_1_over_v_m(p, v, m):
+    t = pipeline_time([1.0] * p, [2.0] * p, microbatches=m, schedule="interleaved",
+                      virtual_stages=v)
+    assert t.bubble_fraction == pytest.approx((p - 1) / (v * m))
+    assert t.hops_per_microbatch == v  # v times the point-to-point traffic
+    plain = pipeline_time([1.0] * p, [2.0] * p, microbatches=m, schedule="1f1b")
+    assert t.step_time < plain.step_time
+
+
+@pytest.mark.parametrize("p, m", [(2, 1), (4, 2), (4, 4), (4, 64), (8, 7)])
+def test_in_flight_activations(p, m):
+    gpipe = pipeline_time([1.0] * p, [1.0] * p, m, "gpipe").in_flight
+    one_f_one_b = pipeline_time([1.0] * p, [1.0] * p, m, "1f1b").in_flight
+    assert gpipe == (m,) * p  # every forward runs before any backward
+    assert max(one_f_one_b) <= p and max(one_f_one_b) <= m
+    assert one_f_one_b[0] == min(p, m)  # the first stage waits longest for its backward
+    assert list(one_f_one_b) == sorted(one_f_one_b, reverse=True)
+
+
+def test_uneven_stages_wait_for_the_slowest():
+    t = pipeline_time([1.0, 3.0], [1.0, 3.0], microbatches=4, schedule="1f1b")
+    assert t.ideal == 4 * 6.0
+    assert t.step_time == 2.0 + 6.0 + 3 * 6.0  # sum of stages + (m - 1) * slowest
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(schedule="zero-bubble"), "unknown pipeline schedule"),
+    (dict(schedule="interleaved", virtual_stages=2, microbatches=6), "divisible by the 4"),
+    (dict(schedule="1f1b", virtual_stages=2), "needs schedule='interleaved'"),
+    (dict(microbatches=0), "positive integer"),
+])
+def test_bad_schedules_are_refused(kwargs, match):
+    args = dict(forward=[1.0] * 4, backward=[1.0] * 4, microbatches=8)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        pipeline_time(**args)
+
+
+# ----------------------------------------------------------------------------- stage DP
+
+def _brute_force(num_layers, num_devices, cost, m, sizes, num_stages=None):
+    """Every split into contiguous ranges with every size assignment."""
+    best = None
+    for cuts in range(num_layers):
+        for bounds in itertools.combinations(range(1, num_layers), cuts):
+            edges = (0,) + bounds + (num_layers,)
+            ranges = list(zip(edges, edges[1:]))
+            if num_stages is not None and len(ranges) != num_stages:
+                continue
+            for devs in itertools.product(sizes, repeat=len(ranges)):
+                if sum(devs) != num_devices:
+                    continue
+                times = [cost(a, b, n) for (a, b), n in zip(ranges, devs)]
+                if any(t is None for t in times):
+                    continue
+                step = sum(times) + (m - 1) * max(times)
+                best = step if best is None else min(best, step)
+    return best
+
+
+def _random_cost(rng, num_layers, memory_cap=None):
+    layer = [rng.uniform(0.5, 2.0) for _ in range(num_layers)]
+    comm = rng.uniform(0.0, 0.3)
+
+    def cost(first, last, n):
+        if memory_cap is not None and (last - first) / n > memory_cap:
+            return None  # too many layers per device: does not fit
+        return sum(layer[first:last]) / n + comm * (n - 1)
+
+    return cost
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_split_matches_brute_force(seed):
+    rng = random.Random(seed)
+    layers, devices = rng.randint(2, 6), rng.choice([2, 3, 4])
+    m = rng.choice([1, 2, 4, 8])
+    sizes = (1, 2) if devices < 4 else (1, 2, 4)
+    cap = rng.choice([None, 2.0])
+    cost = _random_cost(rng, layers, cap)
+    pinned = rng.choice([None, min(2, layers, devices)])
+    want = _brute_force(layers, devices, cost, m, sizes, pinned)
+    if want is None:
+        with pytest.raises(ValueError, match="no split"):
+            split_stages(layers, devices, cost, m, sizes, pinned)
+        return
+    got = split_stages(layers, devices, cost, m, sizes, pinned)
+    assert got.step_time == pytest.approx(want)
+    # The split is a real one: contiguous, covering, using every device.
+    assert got.stages[0].layers[0] == 0 and got.stages[-1].layers[1] == layers
+    assert all(a.layers[1] == b.layers[0] for a, b in zip(got.stages, got.stages[1:]))
+    assert sum(s.devices for s in got.stages) == devices
+
+
+def test_a_heavier_embedding_layer_gets_a_lighter_stage():
+    # Layer 0 (embedding + loss head) weighs three ordinary layers; 4 stages of 1 device.
+    layer = [3.0] + [1.0] * 11
+    cost = lambda a, b, n: sum(layer[a:b]) / n  # noqa: E731
+    split = split_stages(12, 4, cost, microbatches=16, submesh_sizes=(1,), num_stages=4)
+    counts = [s.layers[1] - s.layers[0] for s in split.stages]
+    assert counts[0] < max(counts[1:])
+    assert split.slowest == pytest.approx(4.0)  # 14 units over 4 whole-layer stages
+
+
+def test_nothing_fits_says_so():
+    with pytest.raises(ValueError, match="no split of 4 layers over 2 devices"):
+        split_stages(4, 2, lambda a, b, n: None, microbatches=4, submesh_sizes=(1, 2))
+
+
+def test_docstring_example():
+    from meshplan.planner import _stages
+    result = doctest.testmod(_stages)
+    assert result.failed == 0 and result.attempted > 0
