@@ -1,12 +1,17 @@
-"""Pipeline schedules (costmodel.pipeline_time) and the stage split DP (planner._stages)."""
+"""Pipelines: schedules (costmodel.pipeline_time), the stage split DP (planner._stages) and
+pipelined execution of a scan over layers on 8 CPU devices (runtime.pipeline_scan)."""
 import doctest
 import itertools
 import random
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from meshplan.costmodel import pipeline_time
 from meshplan.planner._stages import split_stages
+from meshplan.runtime import measure, pipeline_scan
 
 
 # ----------------------------------------------------------------------- schedule formulas
@@ -132,4 +137,85 @@ def test_nothing_fits_says_so():
 def test_docstring_example():
     from meshplan.planner import _stages
     result = doctest.testmod(_stages)
+    assert result.failed == 0 and result.attempted > 0
+
+
+# ------------------------------------------------------------------- pipelined execution
+
+def _mesh(dp: int, pp: int):
+    devices = np.array(jax.devices()[:dp * pp]).reshape(dp, pp)
+    return jax.sharding.Mesh(devices, ("dp", "pp"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def _layer(h, w):
+    kernel, bias = w
+    return jnp.tanh(h @ kernel + bias)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    k = jax.random.split(jax.random.key(0), 4)
+    params = (jax.random.normal(k[0], (8, 16, 16)) * 0.3,  # 8 layers
+              jax.random.normal(k[1], (8, 16)) * 0.1)
+    return params, jax.random.normal(k[2], (32, 16)), jax.random.normal(k[3], (32, 16))
+
+
+def _loss(run):
+    def loss(params, x, target):
+        return jnp.mean((run(params, x) - target) ** 2)
+    return loss
+
+
+def _rel(a, b) -> float:
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize("pp, dp, m", [(2, 1, 1), (2, 1, 4), (4, 1, 2), (4, 2, 4), (2, 4, 2),
+                                       (8, 1, 8)])
+def test_pipelined_scan_equals_the_plain_scan(stack, pp, dp, m):
+    params, x, target = stack
+    plain = _loss(lambda w, h: jax.lax.scan(lambda c, l: (_layer(c, l), None), h, w)[0])
+    mesh = _mesh(dp, pp)
+    piped = _loss(lambda w, h: pipeline_scan(_layer, w, h, mesh=mesh, microbatches=m,
+                                             batch_axis="dp" if dp > 1 else None))
+    want_loss, want_grads = jax.value_and_grad(plain)(params, x, target)
+    loss, grads = jax.jit(jax.value_and_grad(piped))(params, x, target)
+    assert _rel(loss, want_loss) < 1e-5
+    for g, want in zip(grads, want_grads):
+        assert _rel(g, want) < 1e-5
+
+
+def test_stages_hand_microbatches_over_the_stage_links(stack):
+    # One collective-permute of a microbatch per tick, m + p - 1 ticks (fill and drain).
+    params, x, _ = stack
+    pp, m = 4, 4
+    mesh = _mesh(1, pp)
+    run = jax.jit(lambda w, h: pipeline_scan(_layer, w, h, mesh=mesh, microbatches=m))
+    sends = [c for c in measure(run.lower(params, x).compile()).collectives
+             if c.kind == "collective-permute"]
+    assert len(sends) == 1
+    assert sends[0].nbytes == x.shape[0] // m * x.shape[1] * 4
+    assert sends[0].count == m + pp - 1
+
+
+@pytest.mark.parametrize("layers, batch, m, match", [
+    (6, 32, 2, "do not split into 4 equal stages"),
+    (8, 30, 4, "not divisible by 4 microbatches"),
+])
+def test_pipelined_scan_refuses_uneven_splits(layers, batch, m, match):
+    params = (jnp.zeros((layers, 16, 16)), jnp.zeros((layers, 16)))
+    with pytest.raises(ValueError, match=match):
+        pipeline_scan(_layer, params, jnp.zeros((batch, 16)), mesh=_mesh(1, 4), microbatches=m)
+
+
+def test_pipelined_scan_needs_the_stage_axis():
+    with pytest.raises(ValueError, match="pipeline axis 'stages' is not"):
+        pipeline_scan(_layer, (jnp.zeros((4, 16, 16)), jnp.zeros((4, 16))), jnp.zeros((8, 16)),
+                      mesh=_mesh(1, 2), axis="stages")
+
+
+def test_runtime_docstring_example():
+    from meshplan.runtime import _pipeline
+    result = doctest.testmod(_pipeline)
     assert result.failed == 0 and result.attempted > 0
