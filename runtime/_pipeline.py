@@ -14,6 +14,12 @@ never used; that costs time, exactly the bubble the cost model charges, and no a
 
 Other mesh axes may split the batch (`batch_axis`, data parallelism inside each stage).
 
+`pipeline_value_and_grad(layer, loss, stacked, x, targets, ..., schedule=...)` runs a
+training step's forward and backward op by op in the order of a schedule ("gpipe",
+"1f1b", or "interleaved" with v chunks per device) from `schedule_table`, keeping each
+in-flight microbatch's stage input and recomputing the stage in its backward. The tables
+reproduce the cost model's bubble and in-flight activations exactly (tests check both).
+
 >>> import jax, jax.numpy as jnp
 >>> mesh = jax.make_mesh((2,), ("pp",), axis_types=(jax.sharding.AxisType.Auto,),
 ...                      devices=jax.devices()[:2])
@@ -29,9 +35,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["pipeline_scan"]
+__all__ = ["pipeline_scan", "pipeline_value_and_grad", "schedule_table"]
 
 
 def _check(stacked, x, mesh, axis: str, microbatches: int, batch_axis) -> tuple[int, int]:
@@ -112,3 +119,198 @@ def pipeline_scan(layer: Callable[[jax.Array, Any], jax.Array], stacked: Any, x:
     run = jax.shard_map(per_stage_program, mesh=mesh, in_specs=(param_spec, data_spec),
                         out_specs=data_spec)
     return run(stacked, chunks).reshape(x.shape)
+
+
+# --------------------------------------------------------------------------------------
+# Schedules as tables, and a step that runs one (forward and backward, microbatch by
+# microbatch, in the schedule's order)
+# --------------------------------------------------------------------------------------
+
+_IDLE, _FORWARD, _BACKWARD = 0, 1, 2
+
+
+def _device_order(s: int, p: int, m: int, schedule: str, v: int) -> list[tuple[int, int, int]]:
+    """The (kind, microbatch, chunk) ops device s runs, in its order.
+
+    gpipe: every forward, then every backward (last microbatch first). 1f1b: p - 1 - s
+    warm-up forwards, then one forward and one backward in turn, then the remaining
+    backwards (PipeDream-Flush / Megatron-LM's non-interleaved order). interleaved: the
+    same with v chunks per device; forwards go through microbatches in groups of p, chunk
+    by chunk, with (p - s - 1) * 2 + (v - 1) * p warm-up forwards (Megatron-LM's order).
+    """
+    if schedule == "gpipe":
+        return ([(_FORWARD, i, 0) for i in range(m)] +
+                [(_BACKWARD, i, 0) for i in reversed(range(m))])
+    forwards = [(_FORWARD, g + j, c) for g in range(0, m, p) for c in range(v)
+                for j in range(min(p, m - g))]
+    backwards = [(_BACKWARD, g + j, c) for g in range(0, m, p) for c in reversed(range(v))
+                 for j in range(min(p, m - g))]
+    warm = (p - 1 - s) if v == 1 else (p - s - 1) * 2 + (v - 1) * p
+    warm = min(warm, len(forwards))
+    order = forwards[:warm]
+    rest_f, rest_b = forwards[warm:], backwards
+    while rest_f or rest_b:
+        if rest_f:
+            order.append(rest_f.pop(0))
+        if rest_b:
+            order.append(rest_b.pop(0))
+    return order
+
+
+def schedule_table(p: int, m: int, schedule: str = "1f1b", v: int = 1):
+    """Slots of a pipeline schedule: int arrays [slots, p] of (kind, microbatch, chunk).
+
+    Each device runs its ops in its order (`_device_order`), one per slot, as soon as the
+    op's input has arrived: a forward needs the previous virtual stage's forward of the
+    microbatch, a backward the next virtual stage's backward (the last one: its own
+    forward). Virtual stage k = chunk * p + device.
+    """
+    if schedule not in ("gpipe", "1f1b", "interleaved"):
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose gpipe, 1f1b or "
+                         "interleaved.")
+    v = v if schedule == "interleaved" else 1
+    last = p * v - 1
+    orders = [_device_order(s, p, m, schedule, v) for s in range(p)]
+    done: dict[tuple[int, int, int], int] = {}  # (kind, microbatch, virtual stage) -> slot
+    slots: list[list[tuple[int, int, int]]] = []
+    position = [0] * p
+    while any(position[s] < len(orders[s]) for s in range(p)):
+        t = len(slots)
+        row = []
+        for s in range(p):
+            op = orders[s][position[s]] if position[s] < len(orders[s]) else None
+            if op is not None:
+                kind, i, c = op
+                k = c * p + s
+                if kind == _FORWARD:
+                    need = None if k == 0 else (_FORWARD, i, k - 1)
+                else:
+                    need = (_FORWARD, i, k) if k == last else (_BACKWARD, i, k + 1)
+                if need is None or done.get(need, t) < t:
+                    row.append(op)
+                    continue
+            row.append((_IDLE, 0, 0))
+        for s, (kind, i, c) in enumerate(row):
+            if kind != _IDLE:
+                done[kind, i, c * p + s] = t
+                position[s] += 1
+        if all(kind == _IDLE for kind, _, _ in row):
+            raise RuntimeError(f"schedule {schedule!r} deadlocks for p={p}, m={m}, v={v}")
+        slots.append(row)
+    return np.array(slots, dtype=np.int32)  # [slots, p, 3]
+
+
+def pipeline_value_and_grad(layer: Callable[[jax.Array, Any], jax.Array],
+                            loss: Callable[[jax.Array, jax.Array], jax.Array], stacked: Any,
+                            x: jax.Array, targets: jax.Array, *, mesh, axis: str = "pp",
+                            microbatches: int = 1, schedule: str = "1f1b",
+                            virtual_stages: int = 1, batch_axis: str | None = None):
+    """Mean loss and its gradient w.r.t. `stacked`, run as a pipeline schedule.
+
+    Computes what `jax.value_and_grad(lambda w: loss(scan(layer)(x, w), targets))` computes
+    when `loss` is a mean over batch rows, microbatch by microbatch in the order of
+    `schedule_table`: each device keeps the inputs of its microbatches in flight and
+    recomputes its layers' forward in their backward (`jax.vjp`), as pipelined training
+    systems do. Layers are placed as the schedule wants: stage s holds layers
+    [s L/p, (s+1) L/p), or with v chunks, chunk c of device s holds block c p + s of p v.
+
+    Returns:
+      (loss, gradient pytree shaped like `stacked`).
+    """
+    p, _ = _check(stacked, x, mesh, axis, microbatches, batch_axis)
+    m = microbatches
+    v = virtual_stages if schedule == "interleaved" else 1
+    n_layers = jax.tree.leaves(stacked)[0].shape[0]
+    if n_layers % (p * v):
+        raise ValueError(f"{n_layers} layers do not split into {p} stages x {v} chunks.")
+    table = jnp.asarray(schedule_table(p, m, schedule, v))
+    last = p * v - 1
+    per = n_layers // (p * v)
+    # [L, ...] -> [v, p, per, ...]: block c * p + s is chunk c of device s.
+    blocks = jax.tree.map(lambda a: a.reshape((v, p, per) + a.shape[1:]), stacked)
+    chunks = x.reshape((m, x.shape[0] // m) + x.shape[1:])
+    goals = targets.reshape((m, targets.shape[0] // m) + targets.shape[1:])
+    ahead = [(s, (s + 1) % p) for s in range(p)]  # activations to the next device
+    back = [(s, (s - 1) % p) for s in range(p)]   # cotangents to the previous one
+
+    def run_layers(h, local):
+        return jax.lax.scan(lambda c, w: (layer(c, w), None), h, local)[0]
+
+    def program(blocks, chunks, goals):
+        s = jax.lax.axis_index(axis)
+        local = jax.tree.map(lambda a: a[:, 0], blocks)  # [v, per, ...] on this device
+        if batch_axis is not None:
+            # Each data shard differentiates its own copy of the layers; their gradients
+            # are averaged explicitly at the end (pmean), not summed implicitly by vjp.
+            local = jax.lax.pcast(local, (batch_axis,), to="varying")
+        zeros = jax.lax.pcast(jnp.zeros_like(chunks[0]), (axis,), to="varying")
+
+        def chunk_params(c):
+            return jax.tree.map(lambda a: a[c], local)
+
+        def forward(state, i, c):
+            acts, cots, grads, total = state
+            k = c * p + s
+            h_in = jnp.where(k == 0, chunks[i], acts[c, i])
+            out = run_layers(h_in, chunk_params(c))
+            value, d_out = jax.value_and_grad(loss)(out, goals[i])
+            is_last = k == last
+            cots = cots.at[c, i].set(jnp.where(is_last, d_out, cots[c, i]))
+            total = total + jnp.where(is_last, value, 0.0)
+            return (acts, cots, grads, total), out, zeros
+
+        def backward(state, i, c):
+            acts, cots, grads, total = state
+            k = c * p + s
+            h_in = jnp.where(k == 0, chunks[i], acts[c, i])
+            _, pullback = jax.vjp(run_layers, h_in, chunk_params(c))
+            d_in, d_w = pullback(cots[c, i])
+            grads = jax.tree.map(lambda g, d: g.at[c].add(d), grads, d_w)
+            return (acts, cots, grads, total), zeros, d_in
+
+        def idle(state, i, c):
+            return state, zeros, zeros
+
+        def slot(state, t):
+            kind, i, c = table[t, s, 0], table[t, s, 1], table[t, s, 2]
+            state, send_act, send_cot = jax.lax.switch(kind, (idle, forward, backward),
+                                                       state, i, c)
+            got_act = jax.lax.ppermute(send_act, axis, ahead)
+            got_cot = jax.lax.ppermute(send_cot, axis, back)
+            acts, cots, grads, total = state
+            # What arrived is known from the table: the sender's op this slot.
+            src = (s - 1) % p
+            k_src = table[t, src, 2] * p + src
+            into = jnp.where(table[t, src, 0] == _FORWARD, k_src + 1, -1)
+            ok = (into >= 0) & (into <= last)
+            c_to, i_to = jnp.clip(into // p, 0, v - 1), table[t, src, 1]
+            acts = acts.at[c_to, i_to].set(jnp.where(ok, got_act, acts[c_to, i_to]))
+            src = (s + 1) % p
+            k_src = table[t, src, 2] * p + src
+            into = jnp.where(table[t, src, 0] == _BACKWARD, k_src - 1, -1)
+            ok = into >= 0
+            c_to, i_to = jnp.clip(into // p, 0, v - 1), table[t, src, 1]
+            cots = cots.at[c_to, i_to].set(jnp.where(ok, got_cot, cots[c_to, i_to]))
+            return (acts, cots, grads, total), None
+
+        # Buffers and the loss differ per device ("varying" in shard_map's terms); the
+        # gradients start from zeros shaped like the device's own layers, varying already.
+        varying = (axis,) if batch_axis is None else (axis, batch_axis)
+        buffers, total = jax.lax.pcast((jnp.zeros((v,) + chunks.shape, chunks.dtype),
+                                        jnp.zeros(())), varying, to="varying")
+        state = (buffers, buffers, jax.tree.map(jnp.zeros_like, local), total)
+        (_, _, grads, total), _ = jax.lax.scan(slot, state, jnp.arange(table.shape[0]))
+        # Each microbatch's loss is a mean over its rows: the step's loss is their mean.
+        value = jax.lax.psum(total, axis) / m
+        grads = jax.tree.map(lambda g: g[:, None] / m, grads)
+        if batch_axis is not None:
+            value = jax.lax.pmean(value, batch_axis)
+            grads = jax.tree.map(lambda g: jax.lax.pmean(g, batch_axis), grads)
+        return value, grads
+
+    spec = jax.tree.map(lambda _: P(None, axis), blocks)
+    run = jax.shard_map(program, mesh=mesh,
+                        in_specs=(spec, P(None, batch_axis), P(None, batch_axis)),
+                        out_specs=(P(), spec))
+    value, grads = run(blocks, chunks, goals)
+    return value, jax.tree.map(lambda g: g.reshape((n_layers,) + g.shape[3:]), grads)

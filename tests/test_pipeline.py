@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meshplan.costmodel import pipeline_time
+from meshplan.costmodel import in_flight, pipeline_time
 from meshplan.planner._stages import split_stages
 from meshplan.runtime import measure, pipeline_scan
+from meshplan.runtime._pipeline import pipeline_value_and_grad, schedule_table
 
 
 # ----------------------------------------------------------------------- schedule formulas
@@ -219,3 +220,56 @@ def test_runtime_docstring_example():
     from meshplan.runtime import _pipeline
     result = doctest.testmod(_pipeline)
     assert result.failed == 0 and result.attempted > 0
+
+
+# ------------------------------------------------------------- schedules run op by op
+
+def _table_in_flight(table, p, v):
+    """Per device, the most microbatch-chunks forwarded and not yet backwarded, / v."""
+    peaks = []
+    for s in range(p):
+        live, peak = set(), 0
+        for kind, i, c in table[:, s]:
+            if kind == 1:
+                live.add((i, c))
+            peak = max(peak, len(live))
+            if kind == 2:
+                live.discard((i, c))
+        peaks.append(peak / v)
+    return tuple(peaks)
+
+
+@pytest.mark.parametrize("schedule, p, m, v", [
+    ("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("1f1b", 4, 2, 1), ("1f1b", 2, 5, 1),
+    ("interleaved", 4, 8, 2), ("interleaved", 2, 4, 2), ("interleaved", 4, 4, 3)])
+def test_schedule_tables_agree_with_the_cost_model(schedule, p, m, v):
+    table = schedule_table(p, m, schedule, v)
+    ops = {(s, int(k), int(i), int(c)) for row in table for s, (k, i, c) in enumerate(row) if k}
+    assert len(ops) == 2 * m * v * p  # every forward and backward of every chunk, once
+    # Memory: the activations each device keeps, as the cost model counts them.
+    assert _table_in_flight(table, p, v) == in_flight(p, m, schedule, v)
+    # Time, with every op (a chunk's forward or backward) one slot: the bubble is the
+    # cost model's (p - 1) / m, or (p - 1) / (v m) interleaved.
+    full_ops = len(table) / v  # slots in units of a whole stage's op
+    bubble = (full_ops - 2 * m) / (2 * m)
+    model = pipeline_time([1.0] * p, [1.0] * p, m, schedule, v)
+    assert bubble == pytest.approx(model.bubble_fraction)
+
+
+@pytest.mark.parametrize("schedule, pp, dp, m, v", [
+    ("gpipe", 2, 1, 2, 1), ("gpipe", 4, 2, 8, 1), ("1f1b", 2, 4, 2, 1), ("1f1b", 4, 1, 4, 1),
+    ("1f1b", 4, 2, 4, 1), ("interleaved", 2, 2, 4, 2), ("interleaved", 4, 1, 4, 2)])
+def test_each_schedule_gives_the_unpipelined_loss_and_gradient(stack, schedule, pp, dp, m, v):
+    params, x, target = stack
+    loss = lambda out, t: jnp.mean((out - t) ** 2)  # noqa: E731
+    want_loss, want_grads = jax.value_and_grad(_loss(
+        lambda w, h: jax.lax.scan(lambda c, l: (_layer(c, l), None), h, w)[0]))(params, x,
+                                                                               target)
+    mesh = _mesh(dp, pp)
+    run = jax.jit(lambda w: pipeline_value_and_grad(
+        _layer, loss, w, x, target, mesh=mesh, microbatches=m, schedule=schedule,
+        virtual_stages=v, batch_axis="dp" if dp > 1 else None))
+    got_loss, got_grads = run(params)
+    assert _rel(got_loss, want_loss) < 1e-5
+    for g, want in zip(got_grads, want_grads):
+        assert _rel(g, want) < 1e-5
