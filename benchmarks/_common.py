@@ -1,14 +1,13 @@
-"""Helpers shared by the benchmark scripts: device setup, quiet solver output, tables, JSON."""
+"""Helpers shared by the benchmark scripts: device setup, tables, JSON."""
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -21,25 +20,6 @@ def request_cpu_devices(n: int = 8) -> None:
     if len(jax.devices()) < n:
         raise SystemExit(f"needs {n} devices, JAX started with {len(jax.devices())}; run this "
                          "script in a fresh process (it sets jax_num_cpu_devices itself).")
-
-
-@contextlib.contextmanager
-def quiet(enabled: bool = True) -> Iterator[None]:
-    """Silence file descriptor 1 (the ILP backend prints its banner from C, not via Python)."""
-    if not enabled:
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(devnull)
 
 
 def short_error(e: BaseException, limit: int = 160) -> str:

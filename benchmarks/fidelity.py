@@ -23,7 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (environment, quiet, request_cpu_devices, short_error, si,  # noqa: E402
+from _common import (environment, request_cpu_devices, short_error, si,  # noqa: E402
                      table, write_json)
 
 NUM_DEVICES = 8
@@ -59,16 +59,14 @@ def baseline_plans(step, args, errors: dict):
     import meshplan as mp
 
     try:
-        with quiet():
-            return mp.baselines(step, *args)
+        return mp.baselines(step, *args)
     except Exception as e:  # noqa: BLE001 - reported per row
         first = short_error(e)
     from meshplan._api import baseline_constraints  # same rules, one at a time
     plans = {}
     for name, c in baseline_constraints(step.cluster).items():
         try:
-            with quiet():
-                plans[name] = step.plan(*args, constraints=c, compare_baselines=False)
+            plans[name] = step.plan(*args, constraints=c, compare_baselines=False)
         except Exception as e:  # noqa: BLE001
             errors[name] = short_error(e)
     if not plans and not errors:
@@ -84,8 +82,7 @@ def measure_row(model: str, label: str, step, args, plan=None, constraints=None)
     try:
         t0 = time.perf_counter()
         if plan is None:
-            with quiet():
-                plan = step.plan(*args, constraints=constraints, compare_baselines=False)
+            plan = step.plan(*args, constraints=constraints, compare_baselines=False)
         row["plan_seconds"] = time.perf_counter() - t0
         row["mesh"] = dict(zip(plan.axis_names, map(int, plan.mesh_shape)))
         row["solver"] = {k: v for k, v in plan.solver}

@@ -28,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (environment, quiet, request_cpu_devices, short_error, si,  # noqa: E402
+from _common import (environment, request_cpu_devices, short_error, si,  # noqa: E402
                      table, write_json)
 
 NUM_DEVICES = 8
@@ -65,17 +65,15 @@ def baseline_row(step, args, cluster) -> dict:
     import meshplan as mp
 
     try:
-        with quiet():
-            return dict(mp.baselines(step, *args, cluster=cluster))
+        return dict(mp.baselines(step, *args, cluster=cluster))
     except Exception as e:  # noqa: BLE001 - reported per baseline
         first = short_error(e)
     from meshplan._api import baseline_constraints  # same rules, one at a time
     out: dict = {}
     for name, c in baseline_constraints(cluster).items():
         try:
-            with quiet():
-                out[name] = step.plan(*args, constraints=c, cluster=cluster,
-                                      compare_baselines=False)
+            out[name] = step.plan(*args, constraints=c, cluster=cluster,
+                                  compare_baselines=False)
         except Exception as e:  # noqa: BLE001
             out[name] = short_error(e)
     return out or {n: first for n in BASELINES}
@@ -86,8 +84,7 @@ def one(model: str, cluster_name: str, step, args) -> dict:
     row: dict = {"model": model, "cluster": cluster.name, "devices": cluster.num_devices}
     t0 = time.perf_counter()
     try:
-        with quiet():
-            plan = step.plan(*args, cluster=cluster, compare_baselines=False)
+        plan = step.plan(*args, cluster=cluster, compare_baselines=False)
     except Exception as e:  # noqa: BLE001 - a failing row is a result
         row["error"] = short_error(e, 300)
         plan = None

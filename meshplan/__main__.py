@@ -10,12 +10,11 @@ fresh process (or in one whose JAX already has exactly `--devices` devices).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import sys
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import jax  # importing is fine; no JAX computation may run before the device count is set
 import numpy as np
@@ -129,8 +128,7 @@ def _demo(args: argparse.Namespace) -> int:
     out(f"\nPlanning (each logical mesh is an ILP, at most {args.time_limit:g} s per solve; "
         "then the dp, fsdp and megatron baselines in the same cost model) ...")
     t = time.perf_counter()
-    with _quiet_native_stdout(out) as progress:
-        plan = step.plan(*ex.args, progress=lambda msg: progress("  " + msg))
+    plan = step.plan(*ex.args, progress=lambda msg: out("  " + msg))
     out(f"  planned in {time.perf_counter() - t:.1f} s\n")
     out(plan.summary())
 
@@ -198,39 +196,6 @@ def _bytes(x: float) -> str:
 
 def _flops(x: float) -> str:
     return f"{x:.4e}"
-
-
-@contextlib.contextmanager
-def _quiet_native_stdout(out: Callable[[str], None]) -> Iterator[Callable[[str], None]]:
-    """Hide what native solver libraries write to fd 1 (HiGHS prints a banner per model).
-
-    Yields the function to print progress with: `out`, unless Python's own stdout is fd 1
-    too, in which case progress is written past the silenced descriptor.
-    """
-    sys.stdout.flush()
-    try:
-        saved = os.dup(1)
-    except OSError:  # no fd 1 at all: nothing to hide
-        yield out
-        return
-    try:
-        python_uses_fd1 = sys.stdout.fileno() == 1
-    except (AttributeError, OSError, ValueError):  # captured or replaced (pytest, notebooks)
-        python_uses_fd1 = False
-    devnull = os.open(os.devnull, os.O_WRONLY)
-
-    def progress(text: str) -> None:
-        sys.stdout.flush()
-        os.write(saved, (text + "\n").encode())
-
-    try:
-        os.dup2(devnull, 1)
-        yield progress if python_uses_fd1 else out
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(devnull)
-        os.close(saved)
 
 
 if __name__ == "__main__":
