@@ -4,11 +4,15 @@ A pipeline of p stages runs m microbatches per step. Stage i takes ``forward[i]`
 ``backward[i]`` seconds per microbatch (point-to-point sends included, as the caller
 prices them: nothing is assumed to overlap, as elsewhere in the cost model).
 
-* GPipe (Huang et al., "GPipe", NeurIPS 2019) and 1F1B (Narayanan et al., "PipeDream",
-  SOSP 2019; Megatron-LM's non-interleaved schedule) take the same time:
-  ``sum_i T_i + (m - 1) * max_i T_i`` with ``T_i = forward[i] + backward[i]``: the slowest
-  stage runs m microbatches back to back, the others add their fill and drain once. With
-  equal stages that is ``(m + p - 1) * T``: a bubble of (p - 1) / m of the ideal ``m * T``.
+* 1F1B (Narayanan et al., "PipeDream", SOSP 2019; Megatron-LM's non-interleaved
+  schedule): ``sum_i T_i + (m - 1) * max_i T_i`` with ``T_i = forward[i] + backward[i]``:
+  the slowest stage runs m microbatches back to back, the others add their fill and drain
+  once. With equal stages that is ``(m + p - 1) * T``: a bubble of (p - 1) / m of the
+  ideal ``m * T`` (Megatron-LM's definition; GPipe's paper quotes the same bubble as
+  (p - 1) / (m + p - 1) of the total).
+* GPipe (Huang et al., "GPipe", NeurIPS 2019) runs every forward, then every backward: two
+  pipelines, ``sum_i F_i + (m - 1) * max_i F_i + sum_i B_i + (m - 1) * max_i B_i``. Equal
+  to 1F1B when one stage is the slowest both ways (always, with equal stages).
 * Interleaved 1F1B (Narayanan et al., "Efficient Large-Scale Language Model Training on GPU
   Clusters Using Megatron-LM", SC'21, section 2.2): each device holds v chunks of 1/v of its
   layers, so fill and drain shrink v-fold: ``m * max_i T_i + (sum_i T_i - max_i T_i) / v``,
@@ -29,6 +33,7 @@ prices them: nothing is assumed to overlap, as elsewhere in the cost model).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Sequence
 
 __all__ = ["SCHEDULES", "PipelineTime", "in_flight", "pipeline_time"]
@@ -68,9 +73,9 @@ def _check(forward: Sequence[float], backward: Sequence[float], m: int, schedule
                          f"{len(forward)} and {len(backward)}.")
     if any(t < 0 for t in list(forward) + list(backward)):
         raise ValueError("stage times must be >= 0 seconds.")
-    if not isinstance(m, int) or m < 1:
+    if not isinstance(m, numbers.Integral) or m < 1:
         raise ValueError(f"microbatches must be a positive integer; got {m!r}.")
-    if not isinstance(v, int) or v < 1:
+    if not isinstance(v, numbers.Integral) or v < 1:
         raise ValueError(f"virtual_stages must be a positive integer; got {v!r}.")
     if schedule != "interleaved" and v != 1:
         raise ValueError(f"virtual_stages={v} needs schedule='interleaved' (got {schedule!r}).")
@@ -82,9 +87,11 @@ def _check(forward: Sequence[float], backward: Sequence[float], m: int, schedule
 
 def in_flight(p: int, m: int, schedule: str, v: int = 1) -> tuple[float, ...]:
     """Per stage, microbatches of its activations held at its peak (see the module notes)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {SCHEDULES}.")
     if schedule == "gpipe":
         return tuple(float(m) for _ in range(p))
-    if schedule == "1f1b":
+    if schedule == "1f1b" or v == 1:  # interleaving one chunk per device is plain 1F1B
         return tuple(float(min(p - i, m)) for i in range(p))
     chunks = [min((p - i - 1) * 2 + (v - 1) * p + 1, m * v) for i in range(p)]
     return tuple(c / v for c in chunks)
@@ -107,9 +114,13 @@ def pipeline_time(forward: Sequence[float], backward: Sequence[float], microbatc
     per_microbatch = [f + b for f, b in zip(forward, backward)]
     slowest = max(per_microbatch)
     ideal = m * slowest
-    # The slowest stage is busy m times; every other stage's share of fill and drain is
-    # paid once, in chunks of 1/v of its work.
-    step = ideal + (sum(per_microbatch) - slowest) / v
+    if schedule == "gpipe":  # a forward pipeline, then a backward one
+        step = (sum(forward) + (m - 1) * max(forward) +
+                sum(backward) + (m - 1) * max(backward))
+    else:
+        # The slowest stage is busy m times; every other stage's share of fill and drain
+        # is paid once, in chunks of 1/v of its work.
+        step = ideal + (sum(per_microbatch) - slowest) / v
     bubble = step - ideal
     return PipelineTime(step, ideal, bubble, bubble / ideal if ideal else 0.0,
                         in_flight(p, m, schedule, v), v)

@@ -220,7 +220,7 @@ def _model(integer: bool, problem: Problem, costs, memory_rows, scale):
     return model, x
 
 
-def _binding(rows: tuple[MemoryRow, ...], costs) -> tuple[MemoryRow, ...]:
+def _binding(rows: tuple[MemoryRow, ...]) -> tuple[MemoryRow, ...]:
     """The memory rows some choice could violate; the others cannot bind, so are left out.
 
     A row that holds even when every class takes its most memory-hungry strategy changes
@@ -279,7 +279,7 @@ def solve(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (), time_limit:
     biggest = max([float(c.max()) for c in costs] + [float(e.cost.max()) for e in problem.edges])
     scale = _LARGEST_COEFFICIENT / max(biggest, 1e-30)
     candidates = [(model_objective(problem, greedy_choice, costs), greedy_choice, "GREEDY")]
-    rows = _binding(memory_rows, costs)
+    rows = _binding(memory_rows)
     # ---- Solve the LP relaxation
     model, x = _model(False, problem, costs, rows, scale)
     lp = _run(model, time_limit, integer=False, presolve=bool(rows))

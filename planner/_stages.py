@@ -10,9 +10,10 @@ left) finds the smallest sum of stage times with every stage at most B, and the 
 is that sum plus (m - 1) * B. Bounds are tried in increasing order and the search stops
 once (m - 1) * B alone exceeds the best step found.
 
-The stage cost is a callable, so this module knows nothing of graphs: the planner prices a
-layer range on a submesh with the intra-operator ILP (one solve per distinct layer and
-submesh shape) and reports None when it does not fit in memory.
+The stage cost is a callable, so this module knows nothing of graphs. The intended caller
+(not wired into the search yet) prices a layer range on a submesh with the intra-operator
+ILP, one solve per distinct layer and submesh shape, and reports None when it does not fit
+in memory.
 
 >>> layer = [1.0] * 8                     # 8 equal layers; t = layers / devices
 >>> cost = lambda first, last, n: sum(layer[first:last]) / n
@@ -65,6 +66,9 @@ def _cost_table(num_layers: int, sizes: Sequence[int], stage_time: StageCost
         for last in range(first + 1, num_layers + 1):
             for n in sizes:
                 t = stage_time(first, last, n)
+                if t is not None and t < 0:
+                    raise ValueError(f"stage_time({first}, {last}, {n}) = {t}: stage times "
+                                     "must be >= 0 seconds.")
                 if t is not None and math.isfinite(t):
                     table[first, last, n] = float(t)
     return table
@@ -129,6 +133,8 @@ def split_stages(num_layers: int, num_devices: int, stage_time: StageCost, micro
     if num_stages is not None and not 1 <= num_stages <= min(num_layers, num_devices):
         raise ValueError(f"num_stages={num_stages} must be between 1 and min(layers="
                          f"{num_layers}, devices={num_devices}).")
+    if any(int(n) != n for n in submesh_sizes):
+        raise ValueError(f"submesh sizes must be whole device counts; got {submesh_sizes}.")
     sizes = sorted({int(n) for n in submesh_sizes if 0 < n <= num_devices})
     table = _cost_table(num_layers, sizes, stage_time)
     best: StageSplit | None = None

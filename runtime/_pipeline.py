@@ -9,16 +9,19 @@ with `jax.lax.ppermute`. After m + p - 1 ticks the last stage holds every result
 
 It is differentiable: `jax.grad` through it runs the backward pass as the mirror-image
 pipeline (the transpose of each `ppermute` sends cotangents back a stage), which is
-GPipe's backward. Stages idle in the bubble run their layers on zeros whose results are
-never used; that costs time, exactly the bubble the cost model charges, and no accuracy.
+GPipe's backward. Stages idle in the bubble run their layers on real microbatches whose
+results are never used (not on zeros: a layer whose derivative is undefined at 0, such as
+an eps-free RMS norm, would leak 0 * inf = NaN into the gradients); that costs time, the
+bubble the cost model charges, and no accuracy.
 
 Other mesh axes may split the batch (`batch_axis`, data parallelism inside each stage).
 
 `pipeline_value_and_grad(layer, loss, stacked, x, targets, ..., schedule=...)` runs a
 training step's forward and backward op by op in the order of a schedule ("gpipe",
 "1f1b", or "interleaved" with v chunks per device) from `schedule_table`, keeping each
-in-flight microbatch's stage input and recomputing the stage in its backward. The tables
-reproduce the cost model's bubble and in-flight activations exactly (tests check both).
+in-flight microbatch's stage input and recomputing the stage in its backward. With every
+op one slot long, the tables reproduce the cost model's bubble and in-flight activations
+exactly (tests check both).
 
 >>> import jax, jax.numpy as jnp
 >>> mesh = jax.make_mesh((2,), ("pp",), axis_types=(jax.sharding.AxisType.Auto,),
@@ -94,13 +97,12 @@ def pipeline_scan(layer: Callable[[jax.Array, Any], jax.Array], stacked: Any, x:
 
     def per_stage_program(local, chunks):
         stage = jax.lax.axis_index(axis)
-        zeros = jnp.zeros_like(chunks[0])
 
         def tick(carry, t):
             received, results = carry
-            # Stage 0 reads microbatch t from the input (zeros in the drain ticks).
-            fresh = jnp.where(t < m, chunks[jnp.minimum(t, m - 1)], zeros)
-            h = stage_layers(jnp.where(stage == 0, fresh, received), local)
+            # Stage 0 reads microbatch t from the input (a repeat in the drain ticks, whose
+            # results are dropped).
+            h = stage_layers(jnp.where(stage == 0, chunks[t % m], received), local)
             # The last stage finishes microbatch t - (p - 1) at tick t.
             done = t - (p - 1)
             keep = (stage == p - 1) & (done >= 0)
@@ -109,7 +111,7 @@ def pipeline_scan(layer: Callable[[jax.Array, Any], jax.Array], stacked: Any, x:
             return (jax.lax.ppermute(h, axis, shift), results), None
 
         # The carry differs per stage ("varying" over the stage axis, in shard_map's terms).
-        start = jax.lax.pcast((zeros, jnp.zeros_like(chunks)), (axis,), to="varying")
+        start = jax.lax.pcast((chunks[0], jnp.zeros_like(chunks)), (axis,), to="varying")
         (_, results), _ = jax.lax.scan(tick, start, jnp.arange(m + p - 1))
         # Only the last stage holds results; the sum over stages hands them to every stage.
         return jax.lax.psum(jnp.where(stage == p - 1, results, 0.0), axis)
@@ -168,7 +170,11 @@ def schedule_table(p: int, m: int, schedule: str = "1f1b", v: int = 1):
     if schedule not in ("gpipe", "1f1b", "interleaved"):
         raise ValueError(f"unknown pipeline schedule {schedule!r}; choose gpipe, 1f1b or "
                          "interleaved.")
-    v = v if schedule == "interleaved" else 1
+    if v < 1 or (v != 1 and schedule != "interleaved"):
+        raise ValueError(f"virtual_stages={v}: must be 1, or >= 1 with schedule='interleaved'.")
+    if schedule == "interleaved" and m % p:
+        raise ValueError(f"the interleaved schedule needs microbatches divisible by the {p} "
+                         f"stages (Megatron-LM's rule); got {m}. Use a multiple of {p}.")
     last = p * v - 1
     orders = [_device_order(s, p, m, schedule, v) for s in range(p)]
     done: dict[tuple[int, int, int], int] = {}  # (kind, microbatch, virtual stage) -> slot
@@ -209,21 +215,25 @@ def pipeline_value_and_grad(layer: Callable[[jax.Array, Any], jax.Array],
 
     Computes what `jax.value_and_grad(lambda w: loss(scan(layer)(x, w), targets))` computes
     when `loss` is a mean over batch rows, microbatch by microbatch in the order of
-    `schedule_table`: each device keeps the inputs of its microbatches in flight and
-    recomputes its layers' forward in their backward (`jax.vjp`), as pipelined training
-    systems do. Layers are placed as the schedule wants: stage s holds layers
-    [s L/p, (s+1) L/p), or with v chunks, chunk c of device s holds block c p + s of p v.
+    `schedule_table`: each device keeps the inputs of its microbatches and recomputes its
+    layers' forward in their backward (`jax.vjp`), as pipelined training systems do.
+    Layers are placed as the schedule wants: stage s holds layers [s L/p, (s+1) L/p), or
+    with v chunks, chunk c of device s holds block c p + s of p v.
+
+    What it does not do yet: its buffers hold a slot per (chunk, microbatch), so memory is
+    m v stage inputs whatever the schedule (the order is 1F1B's; the cost model's smaller
+    in-flight memory is not realised), and every device evaluates the loss in each forward
+    and keeps it only on the last virtual stage.
 
     Returns:
       (loss, gradient pytree shaped like `stacked`).
     """
     p, _ = _check(stacked, x, mesh, axis, microbatches, batch_axis)
-    m = microbatches
-    v = virtual_stages if schedule == "interleaved" else 1
+    m, v = microbatches, virtual_stages
+    table = jnp.asarray(schedule_table(p, m, schedule, v))  # validates the schedule first
     n_layers = jax.tree.leaves(stacked)[0].shape[0]
     if n_layers % (p * v):
         raise ValueError(f"{n_layers} layers do not split into {p} stages x {v} chunks.")
-    table = jnp.asarray(schedule_table(p, m, schedule, v))
     last = p * v - 1
     per = n_layers // (p * v)
     # [L, ...] -> [v, p, per, ...]: block c * p + s is chunk c of device s.

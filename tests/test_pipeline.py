@@ -45,6 +45,21 @@ def test_in_flight_activations(p, m):
     assert list(one_f_one_b) == sorted(one_f_one_b, reverse=True)
 
 
+def test_gpipe_runs_a_forward_then_a_backward_pipeline():
+    # Stage 1 is slowest forward, stage 0 backward: 1F1B overlaps them, GPipe cannot.
+    gpipe = pipeline_time([1.0, 3.0], [3.0, 1.0], microbatches=4, schedule="gpipe")
+    one_f_one_b = pipeline_time([1.0, 3.0], [3.0, 1.0], microbatches=4, schedule="1f1b")
+    assert gpipe.step_time == (1 + 3 + 3 * 3) + (3 + 1 + 3 * 3)
+    assert one_f_one_b.step_time == 8 + 3 * 4
+    assert gpipe.step_time > one_f_one_b.step_time
+
+
+def test_interleaving_one_chunk_is_1f1b():
+    assert in_flight(4, 8, "interleaved", 1) == in_flight(4, 8, "1f1b")
+    with pytest.raises(ValueError, match="unknown pipeline schedule"):
+        in_flight(4, 8, "zero-bubble")
+
+
 def test_uneven_stages_wait_for_the_slowest():
     t = pipeline_time([1.0, 3.0], [1.0, 3.0], microbatches=4, schedule="1f1b")
     assert t.ideal == 4 * 6.0
@@ -208,6 +223,32 @@ def test_pipelined_scan_refuses_uneven_splits(layers, batch, m, match):
     params = (jnp.zeros((layers, 16, 16)), jnp.zeros((layers, 16)))
     with pytest.raises(ValueError, match=match):
         pipeline_scan(_layer, params, jnp.zeros((batch, 16)), mesh=_mesh(1, 4), microbatches=m)
+
+
+def test_bubble_ticks_do_not_leak_nan_into_gradients():
+    # An eps-free RMS norm has no derivative at 0: bubble ticks must not compute on zeros.
+    def rms_layer(h, w):
+        return (h / jnp.sqrt(jnp.sum(h * h, axis=-1, keepdims=True))) @ w
+
+    w = jax.random.normal(jax.random.key(1), (4, 16, 16))
+    x = jax.random.normal(jax.random.key(2), (8, 16))
+    plain = jax.grad(lambda w: jnp.sum(jax.lax.scan(lambda c, l: (rms_layer(c, l), None),
+                                                    x, w)[0]))(w)
+    mesh = _mesh(1, 4)
+    piped = jax.jit(jax.grad(lambda w: jnp.sum(
+        pipeline_scan(rms_layer, w, x, mesh=mesh, microbatches=2))))(w)
+    assert bool(jnp.all(jnp.isfinite(piped)))
+    assert _rel(piped, plain) < 1e-5
+
+
+@pytest.mark.parametrize("schedule, m, v, match", [
+    ("interleaved", 5, 2, "divisible by the 4"),
+    ("1f1b", 4, 2, "virtual_stages=2"),
+    ("interleaved", 4, 0, "virtual_stages=0"),
+])
+def test_schedule_tables_refuse_what_the_cost_model_refuses(schedule, m, v, match):
+    with pytest.raises(ValueError, match=match):
+        schedule_table(4, m, schedule, v)
 
 
 def test_pipelined_scan_needs_the_stage_axis():

@@ -11,7 +11,7 @@ from meshplan import ir
 from meshplan.costmodel import Efficiency
 from meshplan.examples import abstract, make
 from meshplan.planner import brute_force, solve
-from meshplan.planner._ilp import MemoryRow
+from meshplan.planner._ilp import MemoryRow, _binding
 from meshplan.planner._mesh import CommModel, LogicalMesh
 from meshplan.planner._ops import build_view
 from meshplan.planner._problem import build_problem
@@ -67,6 +67,17 @@ def test_ilp_matches_brute_force_under_a_memory_limit():
     assert best is not None and best != unconstrained
     result = solve(problem, (row,), time_limit=30)
     assert result.objective == pytest.approx(best_obj, rel=1e-6, abs=1e-12)
+
+
+def test_memory_rows_that_cannot_bind_are_left_out_and_change_nothing():
+    problem = _tiny_problem("mlp2", UNEVEN)
+    coef = tuple(np.array([float(len(s.produced)) for s in strats])
+                 for strats in problem.strategies)
+    most = sum(float(c.max()) for c in coef)
+    loose, tight = MemoryRow(coef, 0.0, most), MemoryRow(coef, 0.0, most - 0.5)
+    assert _binding((loose, tight)) == (tight,)
+    assert solve(problem, (loose,), time_limit=30).objective == \
+        pytest.approx(solve(problem, (), time_limit=30).objective)
 
 
 def _layouts(plan, prefix):
