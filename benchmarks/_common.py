@@ -22,6 +22,15 @@ def request_cpu_devices(n: int = 8) -> None:
                          "script in a fresh process (it sets jax_num_cpu_devices itself).")
 
 
+def pick(parser, text: str, allowed, what: str) -> list[str]:
+    """The comma-separated names in `text`; a parser error names any not in `allowed`."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in allowed:
+            parser.error(f"unknown {what} {n!r}; choose from {', '.join(allowed)}")
+    return names
+
+
 def short_error(e: BaseException, limit: int = 160) -> str:
     """`Type: message` on one line, cut to `limit` characters."""
     text = f"{type(e).__name__}: {e}".replace("\n", " ")

@@ -23,7 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (environment, request_cpu_devices, short_error, si,  # noqa: E402
+from _common import (environment, pick, request_cpu_devices, short_error, si,  # noqa: E402
                      table, write_json)
 
 NUM_DEVICES = 8
@@ -197,10 +197,7 @@ def main(argv=None) -> int:
         doc = json.loads(open(a.show).read())
         report(doc["rows"], doc["summary"]["seconds"])
         return 0
-    models = [m.strip() for m in a.models.split(",") if m.strip()]
-    for m in models:
-        if m not in ALL_EXAMPLES:
-            p.error(f"unknown model {m!r}; choose from {', '.join(ALL_EXAMPLES)}")
+    models = pick(p, a.models, ALL_EXAMPLES, "model")
 
     request_cpu_devices(NUM_DEVICES)
     import meshplan as mp

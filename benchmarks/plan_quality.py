@@ -28,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (environment, request_cpu_devices, short_error, si,  # noqa: E402
+from _common import (environment, pick, request_cpu_devices, short_error, si,  # noqa: E402
                      table, write_json)
 
 NUM_DEVICES = 8
@@ -187,14 +187,8 @@ def main(argv=None) -> int:
         doc = json.loads(open(a.show).read())
         report(doc["rows"], doc["summary"]["seconds"])
         return 0
-    models = [m.strip() for m in a.models.split(",") if m.strip()]
-    clusters = [c.strip() for c in a.clusters.split(",") if c.strip()]
-    for m in models:
-        if m not in models_all:
-            p.error(f"unknown model {m!r}; choose from {', '.join(models_all)}")
-    for c in clusters:
-        if c not in CLUSTERS:
-            p.error(f"unknown cluster {c!r}; choose from {', '.join(CLUSTERS)}")
+    models = pick(p, a.models, models_all, "model")
+    clusters = pick(p, a.clusters, CLUSTERS, "cluster")
 
     request_cpu_devices(NUM_DEVICES)
     import meshplan as mp
