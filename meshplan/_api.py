@@ -182,7 +182,8 @@ class AutoParallel:
                 f"{plan.cluster_fingerprint[:12]}...), not for the given cluster "
                 f"{self._cluster.name!r}; plan again for this cluster, or leave cluster= unset "
                 "to run the plan on local devices of the same count.")
-        return plan
+        # JSON keeps the argument tree's leaf order, not every node type: take the step's.
+        return dataclasses.replace(plan, in_treedef=t.in_treedef, out_treedef=t.out_treedef)
 
     # ------------------------------------------------------------------ running
 

@@ -168,8 +168,7 @@ class Plan:
                  f"  predicted step time {self.cost.step_time * 1e3:.3f} ms, "
                  f"{self.cost.flops:.3e} FLOPs/device, {self.cost.comm_bytes / 2**20:.2f} MiB "
                  f"sent/device, peak memory {self.cost.peak_memory / 2**20:.1f} MiB/device",
-                 "  time breakdown: " + ", ".join(f"{k} {v * 1e3:.3f} ms"
-                                                  for k, v in self.cost.breakdown if v > 0)]
+                 *_time_lines(dict(self.cost.breakdown))]
         if self.solver:
             lines.append("  solver: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self.solver))
         lines.append("  argument layouts:")
@@ -177,7 +176,7 @@ class Plan:
         for path, lay in shown[:40]:
             lines.append(f"    {path}: {spec_of(lay, self.axis_names)}")
         if len(shown) > 40:
-            lines.append(f"    ... {len(shown) - 40} more")
+            lines.append(f"    ... {len(shown) - 40} more (all of them: plan.in_shardings)")
         lines.append("  compared (predicted step time, comm, memory):")
         for name, shape, names, cost in self._rows():
             m = ",".join(f"{n}={s}" for n, s in zip(names, shape))
@@ -206,7 +205,12 @@ class Plan:
     # ---------------------------------------------------------------- JSON
 
     def to_json(self) -> str:
-        """The plan as JSON (never pickle); `Plan.from_json` reads it back."""
+        """The plan as JSON (never pickle); `Plan.from_json` reads it back.
+
+        The argument tree is kept as dicts, lists and tuples with its leaf order; other pytree
+        nodes (NamedTuples, optax states) come back as tuples. A plan applied to a step
+        (`auto_parallel(fn, plan=...)`) takes the step's own tree again.
+        """
         doc = {
             "format": PLAN_FORMAT,
             "mesh_shape": list(self.mesh_shape),
@@ -294,6 +298,25 @@ def _alt_from(d) -> Alternative:
                        Cost.from_dict(d["cost"]))
 
 
+def _time_lines(parts: dict[str, float]) -> list[str]:
+    """Step time as compute + communication, and the communication split two ways (by
+    collective kind, by mesh axis: each sums to the communication total, so they are
+    shown apart), with the share spent resharding between ops."""
+    ms = lambda v: f"{v * 1e3:.3f} ms"  # noqa: E731
+    kinds = {k: v for k, v in parts.items()
+             if k not in ("compute", "reshard") and not k.startswith("axis:")}
+    axes = {k[len("axis:"):]: v for k, v in parts.items() if k.startswith("axis:")}
+    comm = sum(kinds.values())
+    lines = [f"  time: compute {ms(parts.get('compute', 0.0))} + communication {ms(comm)}"]
+    if comm > 0:
+        lines.append("    communication by collective: " + ", ".join(
+            f"{k} {ms(v)}" for k, v in kinds.items() if v > 0))
+        lines.append("    communication by mesh axis: " + ", ".join(
+            f"{k} {ms(v)}" for k, v in axes.items() if v > 0) +
+            f"; of it resharding between ops: {ms(parts.get('reshard', 0.0))}")
+    return lines
+
+
 def _treedef_json(treedef, n: int):
     """A treedef as a JSON skeleton: the pytree with leaf positions as integers."""
     import jax
@@ -302,7 +325,10 @@ def _treedef_json(treedef, n: int):
 
 def _to_jsonable(tree):
     if isinstance(tree, dict):
-        return {"dict": [[str(k), _to_jsonable(v)] for k, v in tree.items()]}
+        # int keys stay ints (a list position, not a JSON object key), so the reloaded
+        # tree matches the arguments' structure exactly; other keys become strings.
+        return {"dict": [[k if isinstance(k, (int, str)) else str(k), _to_jsonable(v)]
+                         for k, v in tree.items()]}
     if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
         return {"list" if isinstance(tree, list) else "tuple": [_to_jsonable(v) for v in tree]}
     if isinstance(tree, int):

@@ -124,6 +124,13 @@ def test_constraints_errors_name_the_problem():
         step.plan(*ex.args, constraints=mp.Constraints(tp=3, dp=2))
 
 
+def test_plan_json_keeps_integer_dict_keys():
+    from meshplan.planner._plan import _treedef_from, _treedef_json
+    tree = {"blocks": {0: 1.0, 1: 2.0}, "head": [3.0, (4.0, None)]}
+    treedef = jax.tree.structure(tree)
+    assert _treedef_from(_treedef_json(treedef, treedef.num_leaves)) == treedef
+
+
 def test_plan_json_round_trip_and_saved_plan_checks():
     ex = make("mlp")
     step = mp.auto_parallel(ex.train_step, time_limit=2)
@@ -133,8 +140,10 @@ def test_plan_json_round_trip_and_saved_plan_checks():
     assert back.cost.comm_bytes == plan.cost.comm_bytes
     spec = lambda t: jax.tree.leaves(t, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     assert spec(back.in_shardings) == spec(plan.in_shardings)
-    # Applied to the same step: runs without solving, same result as the fresh plan.
+    # Applied to the same step: runs without solving, same result as the fresh plan, and
+    # its shardings take the step's own tree again (optax states included).
     fixed = mp.auto_parallel(ex.train_step, plan=back)
+    assert fixed.plan(*ex.args).in_shardings == plan.in_shardings
     out = fixed(*ex.args)
     ref = jax.jit(ex.train_step)(*ex.args)
     np.testing.assert_allclose(out[2], ref[2], rtol=1e-5)
