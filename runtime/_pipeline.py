@@ -206,6 +206,41 @@ def schedule_table(p: int, m: int, schedule: str = "1f1b", v: int = 1):
     return np.array(slots, dtype=np.int32)  # [slots, p, 3]
 
 
+def _buffer_windows(table, p: int, v: int) -> tuple[int, int]:
+    """Slots a device needs per chunk for received activations and for cotangents.
+
+    A microbatch's activation is kept from its arrival until its backward; its cotangent
+    from its arrival (or, on the last virtual stage, its forward) until that backward.
+    Microbatch i uses slot i mod K, which is safe when the microbatches kept at once never
+    span more than K consecutive indices: K is that span, read off the schedule.
+    """
+    last = p * v - 1
+    when = {}
+    for t, row in enumerate(table.tolist()):
+        for s, (kind, i, c) in enumerate(row):
+            if kind != _IDLE:
+                when[kind, i, c * p + s] = t
+    spans: tuple[dict, dict] = ({}, {})
+    for (kind, i, k), t in when.items():
+        if kind != _BACKWARD:
+            continue
+        if k > 0:  # virtual stage 0 reads the input, not a received activation
+            spans[0].setdefault(k, []).append((i, when[_FORWARD, i, k - 1], t))
+        arrives = when[_FORWARD, i, k] if k == last else when[_BACKWARD, i, k + 1]
+        spans[1].setdefault(k, []).append((i, arrives, t))
+
+    def widest(by_stage: dict) -> int:
+        width = 1
+        for kept in by_stage.values():
+            for t in range(len(table)):
+                live = [i for i, first, last_t in kept if first <= t <= last_t]
+                if live:
+                    width = max(width, max(live) - min(live) + 1)
+        return width
+
+    return widest(spans[0]), widest(spans[1])
+
+
 def pipeline_value_and_grad(layer: Callable[[jax.Array, Any], jax.Array],
                             loss: Callable[[jax.Array, jax.Array], jax.Array], stacked: Any,
                             x: jax.Array, targets: jax.Array, *, mesh, axis: str = "pp",
@@ -220,17 +255,20 @@ def pipeline_value_and_grad(layer: Callable[[jax.Array, Any], jax.Array],
     Layers are placed as the schedule wants: stage s holds layers [s L/p, (s+1) L/p), or
     with v chunks, chunk c of device s holds block c p + s of p v.
 
-    What it does not do yet: its buffers hold a slot per (chunk, microbatch), so memory is
-    m v stage inputs whatever the schedule (the order is 1F1B's; the cost model's smaller
-    in-flight memory is not realised), and every device evaluates the loss in each forward
-    and keeps it only on the last virtual stage.
+    Each device keeps received activations and cotangents in ring buffers sized by the
+    schedule (`_buffer_windows`): about p microbatches per chunk for 1F1B, m for GPipe.
+    Every device evaluates the loss in each forward and keeps it only on the last virtual
+    stage.
 
     Returns:
       (loss, gradient pytree shaped like `stacked`).
     """
     p, _ = _check(stacked, x, mesh, axis, microbatches, batch_axis)
     m, v = microbatches, virtual_stages
-    table = jnp.asarray(schedule_table(p, m, schedule, v))  # validates the schedule first
+    plan = schedule_table(p, m, schedule, v)  # validates the schedule first
+    # Ring buffers sized by the schedule: 1F1B keeps about p microbatches, GPipe all m.
+    n_act, n_cot = _buffer_windows(plan, p, v)
+    table = jnp.asarray(plan)
     n_layers = jax.tree.leaves(stacked)[0].shape[0]
     if n_layers % (p * v):
         raise ValueError(f"{n_layers} layers do not split into {p} stages x {v} chunks.")
@@ -261,20 +299,20 @@ def pipeline_value_and_grad(layer: Callable[[jax.Array, Any], jax.Array],
         def forward(state, i, c):
             acts, cots, grads, total = state
             k = c * p + s
-            h_in = jnp.where(k == 0, chunks[i], acts[c, i])
+            h_in = jnp.where(k == 0, chunks[i], acts[c, i % n_act])
             out = run_layers(h_in, chunk_params(c))
             value, d_out = jax.value_and_grad(loss)(out, goals[i])
             is_last = k == last
-            cots = cots.at[c, i].set(jnp.where(is_last, d_out, cots[c, i]))
+            cots = cots.at[c, i % n_cot].set(jnp.where(is_last, d_out, cots[c, i % n_cot]))
             total = total + jnp.where(is_last, value, 0.0)
             return (acts, cots, grads, total), out, zeros
 
         def backward(state, i, c):
             acts, cots, grads, total = state
             k = c * p + s
-            h_in = jnp.where(k == 0, chunks[i], acts[c, i])
+            h_in = jnp.where(k == 0, chunks[i], acts[c, i % n_act])
             _, pullback = jax.vjp(run_layers, h_in, chunk_params(c))
-            d_in, d_w = pullback(cots[c, i])
+            d_in, d_w = pullback(cots[c, i % n_cot])
             grads = jax.tree.map(lambda g, d: g.at[c].add(d), grads, d_w)
             return (acts, cots, grads, total), zeros, d_in
 
@@ -293,22 +331,24 @@ def pipeline_value_and_grad(layer: Callable[[jax.Array, Any], jax.Array],
             k_src = table[t, src, 2] * p + src
             into = jnp.where(table[t, src, 0] == _FORWARD, k_src + 1, -1)
             ok = (into >= 0) & (into <= last)
-            c_to, i_to = jnp.clip(into // p, 0, v - 1), table[t, src, 1]
+            c_to, i_to = jnp.clip(into // p, 0, v - 1), table[t, src, 1] % n_act
             acts = acts.at[c_to, i_to].set(jnp.where(ok, got_act, acts[c_to, i_to]))
             src = (s + 1) % p
             k_src = table[t, src, 2] * p + src
             into = jnp.where(table[t, src, 0] == _BACKWARD, k_src - 1, -1)
             ok = into >= 0
-            c_to, i_to = jnp.clip(into // p, 0, v - 1), table[t, src, 1]
+            c_to, i_to = jnp.clip(into // p, 0, v - 1), table[t, src, 1] % n_cot
             cots = cots.at[c_to, i_to].set(jnp.where(ok, got_cot, cots[c_to, i_to]))
             return (acts, cots, grads, total), None
 
         # Buffers and the loss differ per device ("varying" in shard_map's terms); the
         # gradients start from zeros shaped like the device's own layers, varying already.
         varying = (axis,) if batch_axis is None else (axis, batch_axis)
-        buffers, total = jax.lax.pcast((jnp.zeros((v,) + chunks.shape, chunks.dtype),
-                                        jnp.zeros(())), varying, to="varying")
-        state = (buffers, buffers, jax.tree.map(jnp.zeros_like, local), total)
+        shape = chunks.shape[1:]
+        acts, cots, total = jax.lax.pcast(
+            (jnp.zeros((v, n_act) + shape, chunks.dtype),
+             jnp.zeros((v, n_cot) + shape, chunks.dtype), jnp.zeros(())), varying, to="varying")
+        state = (acts, cots, jax.tree.map(jnp.zeros_like, local), total)
         (_, _, grads, total), _ = jax.lax.scan(slot, state, jnp.arange(table.shape[0]))
         # Each microbatch's loss is a mean over its rows: the step's loss is their mean.
         value = jax.lax.psum(total, axis) / m

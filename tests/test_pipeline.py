@@ -299,7 +299,8 @@ def test_schedule_tables_agree_with_the_cost_model(schedule, p, m, v):
 
 @pytest.mark.parametrize("schedule, pp, dp, m, v", [
     ("gpipe", 2, 1, 2, 1), ("gpipe", 4, 2, 8, 1), ("1f1b", 2, 4, 2, 1), ("1f1b", 4, 1, 4, 1),
-    ("1f1b", 4, 2, 4, 1), ("interleaved", 2, 2, 4, 2), ("interleaved", 4, 1, 4, 2)])
+    ("1f1b", 4, 2, 4, 1), ("1f1b", 2, 1, 8, 1), ("interleaved", 2, 2, 4, 2),
+    ("interleaved", 4, 1, 4, 2), ("interleaved", 2, 1, 8, 2)])
 def test_each_schedule_gives_the_unpipelined_loss_and_gradient(stack, schedule, pp, dp, m, v):
     params, x, target = stack
     loss = lambda out, t: jnp.mean((out - t) ** 2)  # noqa: E731
@@ -314,3 +315,19 @@ def test_each_schedule_gives_the_unpipelined_loss_and_gradient(stack, schedule, 
     assert _rel(got_loss, want_loss) < 1e-5
     for g, want in zip(got_grads, want_grads):
         assert _rel(g, want) < 1e-5
+
+
+def test_1f1b_keeps_fewer_microbatches_than_gpipe():
+    # Ring buffers sized by the schedule: 1F1B holds about p microbatches, GPipe all m.
+    p, m, rows, width = 4, 16, 256, 64
+    params = (jnp.full((8, width, width), 0.01), jnp.zeros((8, width)))
+    x, target = jnp.ones((rows, width)), jnp.zeros((rows, width))
+    loss = lambda out, t: jnp.mean((out - t) ** 2)  # noqa: E731
+    mesh = _mesh(1, p)
+    temp = {}
+    for schedule in ("gpipe", "1f1b"):
+        run = jax.jit(lambda w: pipeline_value_and_grad(_layer, loss, w, x, target, mesh=mesh,
+                                                        microbatches=m, schedule=schedule))
+        temp[schedule] = measure(run.lower(params).compile()).temp_bytes
+    microbatch = rows // m * width * 4
+    assert temp["gpipe"] - temp["1f1b"] >= (m - p) * microbatch
