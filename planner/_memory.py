@@ -383,8 +383,10 @@ def _timeline(view, units, order, reads_of_op, stored, args, outputs, pins,
     ops, values = view.ops, view.values
     n_ops = len(ops)
     arg_set, out_set = set(args), set(outputs)
-    slot = np.full(n_ops, -1, dtype=np.int64)
-    loop_of = np.full(n_ops, -1, dtype=np.int64)  # index into `loops`
+    # Python lists while building (numpy element access from Python loops is slow);
+    # arrays in the result.
+    slot = [-1] * n_ops
+    loop_of = [-1] * n_ops  # index into `loops`
     loops: list[tuple[int, int]] = []  # (first slot, last slot)
     state: set[int] = set()  # loop state: carries and stacked outputs
     t = 0
@@ -422,8 +424,8 @@ def _timeline(view, units, order, reads_of_op, stored, args, outputs, pins,
         t = last + 1
     n_slots = max(t, 1)
     # Fused ops run inside the fusions that read them: first and last of those.
-    first_slot = slot.copy()
-    last_slot = slot.copy()
+    first_slot = list(slot)
+    last_slot = list(slot)
     for k in range(n_ops - 1, -1, -1):
         if slot[k] >= 0:
             continue
@@ -486,8 +488,9 @@ def _timeline(view, units, order, reads_of_op, stored, args, outputs, pins,
                  enumerate(ops) if loop_of[k] >= 0 and op.prim in ("scan_slice", "alias")
                  and op.inputs and op.outputs and not values[op.inputs[0]].is_const}
     return Liveness(tuple(temps), st, en, tuple(args), tuple(outputs), is_out, pin,
-                    2 * n_slots, first_slot, last_slot, loop_of, tuple(loops), value_loop,
-                    loop_view)
+                    2 * n_slots, np.array(first_slot, dtype=np.int64),
+                    np.array(last_slot, dtype=np.int64), np.array(loop_of, dtype=np.int64),
+                    tuple(loops), value_loop, loop_view)
 
 
 # ----------------------------------------------------------------------------------------
@@ -515,8 +518,9 @@ def _bytes(view, v, layout: Layout, mesh_shape) -> float:
 def _sizes(view, live: Liveness, layout_of, mesh_shape) -> np.ndarray:
     """Bytes per device of each timeline entry; a pinned result in its input's layout."""
     out = np.empty(len(live.temps))
+    pins = live.pin.tolist() if len(live.pin) else [-1] * len(live.temps)
     for i, v in enumerate(live.temps):
-        p = int(live.pin[i]) if len(live.pin) else -1
+        p = pins[i]
         lay = layout_of.get(p) if p >= 0 else None
         out[i] = _bytes(view, v, lay if lay is not None else layout_of[v], mesh_shape)
     return out
@@ -588,15 +592,18 @@ def _collective_buffers(view, live, layout_of, mesh_shape, op_layouts, reduce_sc
     """Add the buffers of the plan's collectives to `sizes` and the extra lists."""
     index = {v: i for i, v in enumerate(live.temps)}
     moved: dict[tuple[int, Layout], list] = {}
+    # Lists: numpy element access from this per-op loop is several times slower.
+    op_first, op_last, op_loop = (live.op_first.tolist(), live.op_last.tolist(),
+                                  live.op_loop.tolist())
     for k, op in enumerate(view.ops):
-        s0 = int(live.op_first[k])
+        s0 = op_first[k]
         if s0 < 0 or op.kind != "op":
             continue
         lays = op_layouts.get(op.id)
         if lays is None:
             continue
         ins, outs = lays
-        s1 = int(live.op_last[k])
+        s1 = op_last[k]
         if op.dims is not None:
             partial = _partial_axes(op, ins)
             if partial:
@@ -617,7 +624,7 @@ def _collective_buffers(view, live, layout_of, mesh_shape, op_layouts, reduce_sc
             if not comms:
                 continue  # a local slice: fused into the reader
             r0, r1 = s0, s1
-            lp = int(live.op_loop[k])
+            lp = op_loop[k]
             # XLA moves a parameter read by a loop as a whole, before the loop (the
             # per-layer slice of a stacked array takes the stacked array's layout): one
             # copy for all the loops that read it in that layout.
