@@ -5,7 +5,6 @@ Data -> Variables -> Constraints -> Objective -> Solve -> Decode, as in the OR-t
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time as _time
 
 import numpy as np
@@ -166,16 +165,13 @@ class _LinearModel:
         rows, cols = np.asarray(rows), np.asarray(cols)
         self.entries.append((rows, cols, np.broadcast_to(np.asarray(coefs, float), rows.shape)))
 
-    def build(self, integer: np.ndarray = np.zeros(0, dtype=np.int64)
-              ) -> mbh.ModelBuilderHelper:
+    def build(self) -> mbh.ModelBuilderHelper:
         rows, cols, vals = (np.concatenate(p) for p in zip(*self.entries))
         matrix = scipy.sparse.csr_matrix((vals, (rows, cols)), shape=(self.n_rows, self.n_vars))
         model = mbh.ModelBuilderHelper()
         model.fill_model_from_sparse_data(
             np.zeros(self.n_vars), np.ones(self.n_vars), np.concatenate(self.objective),
             np.concatenate(self.row_lo), np.concatenate(self.row_hi), matrix)
-        for i in integer.tolist():
-            model.set_var_integrality(i, True)
         return model
 
 
@@ -198,8 +194,9 @@ def _add_edge(m: _LinearModel, x: dict[int, np.ndarray], e, scale: float) -> Non
     m.terms(first + dst_keys, x[e.dst], -1.0)
 
 
-def _model(integer: bool, problem: Problem, costs, memory_rows, scale):
-    """Data -> Variables -> Constraints -> Objective, as one OR-tools model."""
+def _model(problem: Problem, costs, memory_rows, scale):
+    """Data -> Variables -> Constraints -> Objective, as one OR-tools model (continuous:
+    its LP relaxation; `_make_integer` turns it into the MIP)."""
     m = _LinearModel()
     # ---- Variables: x[c][s] = class c takes strategy s (objective: its cost).
     x = {c: m.variables(costs[c] * scale) for c in range(len(costs))}
@@ -216,8 +213,13 @@ def _model(integer: bool, problem: Problem, costs, memory_rows, scale):
         for c in range(len(costs)):
             used = np.flatnonzero(r.coef[c] > 0)
             m.terms(np.full(len(used), row), x[c][used], r.coef[c][used] / _MEMORY_UNIT)
-    model = m.build(np.concatenate(list(x.values())) if integer else np.zeros(0, np.int64))
-    return model, x
+    return m.build(), x
+
+
+def _make_integer(model: mbh.ModelBuilderHelper, x: dict[int, np.ndarray]) -> None:
+    """Strategy variables become 0/1; the edge variables follow from their marginals."""
+    for var in np.concatenate(list(x.values())).tolist():
+        model.set_var_integrality(var, True)
 
 
 def _binding(rows: tuple[MemoryRow, ...]) -> tuple[MemoryRow, ...]:
@@ -231,7 +233,7 @@ def _binding(rows: tuple[MemoryRow, ...]) -> tuple[MemoryRow, ...]:
                  if r.constant + sum(float(np.max(c)) for c in r.coef if len(c)) > r.limit)
 
 
-def _run(model, time_limit: float, integer: bool, presolve: bool):
+def _run(model, time_limit: float, presolve: bool):
     """Solve on HiGHS; the solver helper holds status, values and bound."""
     solver = mbh.ModelSolverHelper("highs")
     # No banner on stdout. For an LP without memory rows, HiGHS's presolve finds little to
@@ -281,8 +283,8 @@ def solve(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (), time_limit:
     candidates = [(model_objective(problem, greedy_choice, costs), greedy_choice, "GREEDY")]
     rows = _binding(memory_rows)
     # ---- Solve the LP relaxation
-    model, x = _model(False, problem, costs, rows, scale)
-    lp = _run(model, time_limit, integer=False, presolve=bool(rows))
+    model, x = _model(problem, costs, rows, scale)
+    lp = _run(model, time_limit, presolve=bool(rows))
     if lp.status() == mbh.SolveStatus.INFEASIBLE:
         return SolveResult(greedy_choice, candidates[0][0], "INFEASIBLE", float("inf"),
                            _time.perf_counter() - start)
@@ -298,8 +300,8 @@ def solve(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (), time_limit:
     # ---- Fractional LP: the MIP, with the time that is left
     left = time_limit - (_time.perf_counter() - start)
     if left > 0.1:
-        model, x = _model(True, problem, costs, rows, scale)
-        mip = _run(model, left, integer=True, presolve=True)
+        _make_integer(model, x)  # the same model, not built again
+        mip = _run(model, left, presolve=True)
         if mip.has_solution():
             choice, _ = _decode(mip.variable_values(), x)
             status = "OPTIMAL" if mip.status() == mbh.SolveStatus.OPTIMAL else "FEASIBLE"
