@@ -36,7 +36,7 @@ import dataclasses
 import numbers
 from collections.abc import Sequence
 
-__all__ = ["SCHEDULES", "PipelineTime", "in_flight", "pipeline_time"]
+__all__ = ["SCHEDULES", "PipelineTime", "check_schedule", "in_flight", "pipeline_time"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
@@ -64,25 +64,30 @@ class PipelineTime:
     hops_per_microbatch: int
 
 
-def _check(forward: Sequence[float], backward: Sequence[float], m: int, schedule: str,
-           v: int) -> None:
+def check_schedule(p: int, m: int, schedule: str, v: int = 1) -> None:
+    """Raise a ValueError naming the problem when (p stages, m microbatches, schedule, v
+    chunks per device) is not a schedule this model (and the runtime) can run."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {SCHEDULES}.")
+    if not isinstance(m, numbers.Integral) or m < 1:
+        raise ValueError(f"microbatches must be a positive integer; got {m!r}.")
+    if not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"virtual_stages={v!r}: must be a positive integer.")
+    if schedule != "interleaved" and v != 1:
+        raise ValueError(f"virtual_stages={v} needs schedule='interleaved' (got {schedule!r}).")
+    if schedule == "interleaved" and m % p:
+        raise ValueError(f"the interleaved schedule needs microbatches divisible by the "
+                         f"{p} stages (Megatron-LM's rule); got {m}. Use a multiple of {p}.")
+
+
+def _check(forward: Sequence[float], backward: Sequence[float], m: int, schedule: str,
+           v: int) -> None:
     if len(forward) != len(backward) or not forward:
         raise ValueError(f"need one forward and one backward time per stage; got "
                          f"{len(forward)} and {len(backward)}.")
     if any(t < 0 for t in list(forward) + list(backward)):
         raise ValueError("stage times must be >= 0 seconds.")
-    if not isinstance(m, numbers.Integral) or m < 1:
-        raise ValueError(f"microbatches must be a positive integer; got {m!r}.")
-    if not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"virtual_stages must be a positive integer; got {v!r}.")
-    if schedule != "interleaved" and v != 1:
-        raise ValueError(f"virtual_stages={v} needs schedule='interleaved' (got {schedule!r}).")
-    p = len(forward)
-    if schedule == "interleaved" and m % p:
-        raise ValueError(f"the interleaved schedule needs microbatches divisible by the "
-                         f"{p} stages (Megatron-LM's rule); got {m}. Use a multiple of {p}.")
+    check_schedule(len(forward), m, schedule, v)
 
 
 def in_flight(p: int, m: int, schedule: str, v: int = 1) -> tuple[float, ...]:

@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from meshplan.costmodel._pipeline import check_schedule
+
 __all__ = ["pipeline_scan", "pipeline_value_and_grad", "schedule_table"]
 
 
@@ -167,14 +169,7 @@ def schedule_table(p: int, m: int, schedule: str = "1f1b", v: int = 1):
     microbatch, a backward the next virtual stage's backward (the last one: its own
     forward). Virtual stage k = chunk * p + device.
     """
-    if schedule not in ("gpipe", "1f1b", "interleaved"):
-        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose gpipe, 1f1b or "
-                         "interleaved.")
-    if v < 1 or (v != 1 and schedule != "interleaved"):
-        raise ValueError(f"virtual_stages={v}: must be 1, or >= 1 with schedule='interleaved'.")
-    if schedule == "interleaved" and m % p:
-        raise ValueError(f"the interleaved schedule needs microbatches divisible by the {p} "
-                         f"stages (Megatron-LM's rule); got {m}. Use a multiple of {p}.")
+    check_schedule(p, m, schedule, v)  # the cost model's rules, the same errors
     last = p * v - 1
     orders = [_device_order(s, p, m, schedule, v) for s in range(p)]
     done: dict[tuple[int, int, int], int] = {}  # (kind, microbatch, virtual stage) -> slot
