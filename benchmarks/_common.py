@@ -22,6 +22,16 @@ def request_cpu_devices(n: int = 8) -> None:
                          "script in a fresh process (it sets jax_num_cpu_devices itself).")
 
 
+def show_saved(path: str | None, report) -> bool:
+    """With --show PATH: print the tables of that saved results file and return True."""
+    if not path:
+        return False
+    with open(path) as f:
+        doc = json.load(f)
+    report(doc["rows"], doc["summary"]["seconds"])
+    return True
+
+
 def pick(parser, text: str, allowed, what: str) -> list[str]:
     """The comma-separated names in `text`; a parser error names any not in `allowed`."""
     names = [n.strip() for n in text.split(",") if n.strip()]

@@ -17,14 +17,13 @@ Writes benchmarks/results/fidelity.json (override with --out).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (environment, pick, request_cpu_devices, short_error, si,  # noqa: E402
-                     table, write_json)
+from _common import (environment, pick, request_cpu_devices, short_error,  # noqa: E402
+                     show_saved, si, table, write_json)
 
 NUM_DEVICES = 8
 TARGETS = {"comm": 0.10, "flops": 0.10, "memory": 0.25}  # allowed |pred/meas - 1|
@@ -193,9 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--show", metavar="JSON", default=None,
                    help="print the tables of a saved results file and exit (runs nothing)")
     a = p.parse_args(argv)
-    if a.show:
-        doc = json.loads(open(a.show).read())
-        report(doc["rows"], doc["summary"]["seconds"])
+    if show_saved(a.show, report):
         return 0
     models = pick(p, a.models, ALL_EXAMPLES, "model")
 
