@@ -163,31 +163,42 @@ def dot_general_map(lhs: tuple[int, ...], rhs: tuple[int, ...], dimension_number
 
 
 def _gather_map(operand, indices, out, dn, slice_sizes) -> DimMap | None:
-    """Embedding-style gather: output batch dims follow the indices, offset dims the operand."""
-    if dn.operand_batching_dims:
-        return None
+    """Embedding-style gather: output batch dims follow the indices, offset dims the operand.
+
+    Batched gathers (`take_along_axis`, as in a cross-entropy's label pick) also walk the
+    output's batch dims with the operand's batching dims, so those may be split too.
+    """
     offset = list(dn.offset_dims)
     batch_out = [d for d in range(len(out)) if d not in offset]
-    window = [d for d in range(len(operand)) if d not in dn.collapsed_slice_dims]
+    batching = list(dn.operand_batching_dims)
+    window = [d for d in range(len(operand))
+              if d not in dn.collapsed_slice_dims and d not in batching]
     omap: list[DimGroup] = [()] * len(operand)
     for o, d in zip(offset, window):
         if slice_sizes[d] == operand[d]:
             omap[d] = (o,)
-    imap: list[DimGroup] = [()] * len(indices)
     # jax puts the index vector last; the remaining index dims are the output's batch dims.
+    for d, k in zip(batching, dn.start_indices_batching_dims):
+        omap[d] = (batch_out[k],)
+    imap: list[DimGroup] = [()] * len(indices)
     for k, o in enumerate(batch_out):
         imap[k] = (o,)
     return DimMap(out, (tuple(omap), tuple(imap)), (_identity(len(out)),), None, 1)
 
 
 def _scatter_add_map(operand, indices, updates, dn) -> DimMap | None:
-    """Scatter-add (an embedding's gradient): update batch dims are summed away."""
-    if dn.operand_batching_dims:
-        return None
+    """Scatter-add (an embedding's gradient): update batch dims are summed away.
+
+    In a batched scatter an update dim that matches an operand batching dim walks that
+    operand dim instead (nothing is summed over it).
+    """
+    batching = dict(zip(dn.scatter_indices_batching_dims, dn.operand_batching_dims))
     window_upd = list(dn.update_window_dims)
     scatter_upd = [d for d in range(len(updates)) if d not in window_upd]
-    op_window = [d for d in range(len(operand)) if d not in dn.inserted_window_dims]
-    loops = list(operand) + [updates[d] for d in scatter_upd]
+    op_window = [d for d in range(len(operand))
+                 if d not in dn.inserted_window_dims and d not in dn.operand_batching_dims]
+    summed = [k for k in range(len(scatter_upd)) if k not in batching]
+    loops = list(operand) + [updates[scatter_upd[k]] for k in summed]
     omap = _partial_identity(operand, [d not in dn.inserted_window_dims for d in range(len(operand))])
     umap: list[DimGroup] = [()] * len(updates)
     for u, o in zip(window_upd, op_window):
@@ -195,8 +206,9 @@ def _scatter_add_map(operand, indices, updates, dn) -> DimMap | None:
             umap[u] = (o,)
     imap: list[DimGroup] = [()] * len(indices)
     for k, u in enumerate(scatter_upd):
-        umap[u] = (len(operand) + k,)
-        imap[k] = (len(operand) + k,)
+        loop = batching[k] if k in batching else len(operand) + summed.index(k)
+        umap[u] = (loop,)
+        imap[k] = (loop,)
     return DimMap(tuple(loops), (omap, tuple(imap), tuple(umap)), (omap,), "sum", 2)
 
 

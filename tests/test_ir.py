@@ -67,3 +67,25 @@ def test_unknown_primitive_is_reported_and_planning_replicates_it():
 def test_bad_roles_are_refused_with_the_remedy():
     with pytest.raises(ValueError, match="one role per positional argument"):
         ir.trace(lambda x: x, jnp.ones(3), roles=("param", "data"))
+
+
+def test_batched_gather_and_its_scatter_walk_the_batch_dims():
+    """take_along_axis (a cross-entropy's label pick) and its gradient: batch dims of the
+    operand, indices and output are one loop each, so the planner may split them."""
+    def loss(logits, labels):
+        picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)
+        return -jnp.sum(picked)
+
+    logits, labels = jnp.ones((4, 6, 10)), jnp.zeros((4, 6), jnp.int32)
+    g = ir.trace(jax.grad(loss), logits, labels)
+    assert g.unknown_primitives == ()
+    scatter = [n for n in g.nodes if n.primitive == "scatter-add"][0]
+    d = scatter.dims
+    # operand [4, 6, 10]: batch dims 0, 1 are loops 0, 1 and are not summed; only the
+    # vocab dim is inserted (kept whole).
+    assert d.operands[0] == ((0,), (1,), ())
+    assert d.operands[2][:2] == ((0,), (1,))  # updates walk the same loops
+    assert not {0, 1} & d.reduced_loops
+    gather = ir.trace(loss, logits, labels).nodes
+    gd = [n for n in gather if n.primitive == "gather"][0].dims
+    assert gd.operands[0][:2] == ((0,), (1,)) and gd.operands[0][2] == ()
