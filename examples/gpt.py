@@ -31,18 +31,19 @@ def gpt_param_count(layers: int, hidden: int, vocab: int, seq: int) -> int:
 class Block(nnx.Module):
     """Pre-LayerNorm transformer block: causal multi-head attention, then a 4h gelu MLP."""
 
-    def __init__(self, hidden: int, heads: int, *, rngs: nnx.Rngs):
+    def __init__(self, hidden: int, heads: int, *, rngs: nnx.Rngs, dtype=None):
         n, d = heads, hidden // heads
-        qkv = dict(kernel_shape=(hidden, n, d), bias_shape=(n, d), kernel_init=_INIT, rngs=rngs)
-        self.ln1 = nnx.LayerNorm(hidden, epsilon=1e-5, rngs=rngs)
+        qkv = dict(kernel_shape=(hidden, n, d), bias_shape=(n, d), kernel_init=_INIT, rngs=rngs,
+                   dtype=dtype)
+        self.ln1 = nnx.LayerNorm(hidden, epsilon=1e-5, rngs=rngs, dtype=dtype)
         self.wq = nnx.Einsum("bsh,hnd->bsnd", **qkv)
         self.wk = nnx.Einsum("bsh,hnd->bsnd", **{**qkv, "bias_shape": None})
         self.wv = nnx.Einsum("bsh,hnd->bsnd", **qkv)
         self.wo = nnx.Einsum("bsnd,ndh->bsh", (n, d, hidden), (hidden,), kernel_init=_INIT,
-                             rngs=rngs)
-        self.ln2 = nnx.LayerNorm(hidden, epsilon=1e-5, rngs=rngs)
-        self.fc1 = nnx.Linear(hidden, 4 * hidden, kernel_init=_INIT, rngs=rngs)
-        self.fc2 = nnx.Linear(4 * hidden, hidden, kernel_init=_INIT, rngs=rngs)
+                             rngs=rngs, dtype=dtype)
+        self.ln2 = nnx.LayerNorm(hidden, epsilon=1e-5, rngs=rngs, dtype=dtype)
+        self.fc1 = nnx.Linear(hidden, 4 * hidden, kernel_init=_INIT, rngs=rngs, dtype=dtype)
+        self.fc2 = nnx.Linear(4 * hidden, hidden, kernel_init=_INIT, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.ln1(x)
@@ -54,18 +55,19 @@ class GPT(nnx.Module):
     """Token + position embedding, `layers` blocks, final norm, head tied to the embedding."""
 
     def __init__(self, *, layers: int, hidden: int, heads: int, vocab: int, seq: int,
-                 scan: bool, rngs: nnx.Rngs):
+                 scan: bool, rngs: nnx.Rngs, dtype=None):
         self.scan = scan
-        self.tok = nnx.Embed(vocab, hidden, embedding_init=_INIT, rngs=rngs)
-        self.pos = nnx.Embed(seq, hidden, embedding_init=_INIT, rngs=rngs)
+        self.tok = nnx.Embed(vocab, hidden, embedding_init=_INIT, rngs=rngs, dtype=dtype)
+        self.pos = nnx.Embed(seq, hidden, embedding_init=_INIT, rngs=rngs, dtype=dtype)
         # One key per block, drawn the same way in both variants, so their inits are equal.
         # nnx.jit gives each block its own small trace: building 96 blocks inside one
         # eval_shape/jit trace is otherwise quadratic (nnx inspects every traced RNG count).
         keys = jax.random.split(rngs.params(), layers)
-        make = nnx.jit(lambda key: Block(hidden, heads, rngs=nnx.Rngs(params=key)))
+        make = nnx.jit(lambda key: Block(hidden, heads, rngs=nnx.Rngs(params=key),
+                                         dtype=dtype))
         self.blocks = nnx.vmap(make)(keys) if scan else nnx.List([make(k) for k in keys])
         self.norm = nnx.LayerNorm(hidden, epsilon=1e-5, use_scale=False, use_bias=False,
-                                  rngs=rngs)
+                                  rngs=rngs, dtype=dtype)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         x = self.tok(tokens) + self.pos(jnp.arange(tokens.shape[1]))
@@ -75,12 +77,13 @@ class GPT(nnx.Module):
         else:
             for block in self.blocks:
                 x = block(x)
-        return self.norm(x) @ self.tok.embedding[...].T
+        h = self.norm(x)
+        return h @ self.tok.embedding[...].T.astype(h.dtype)
 
 
 def make_gpt(batch: int = 8, seq: int = 32, hidden: int = 64, heads: int = 8, layers: int = 2,
              vocab: int = 128, seed: int = 0, scan: bool = False,
-             abstract: bool = False) -> Example:
+             abstract: bool = False, dtype: str | None = None) -> Example:
     """Build the nnx GPT and its pure AdamW train step.
 
     params (a nested dict of arrays): {"tok": {"embedding": [V, h]}, "pos": {"embedding":
@@ -89,6 +92,8 @@ def make_gpt(batch: int = 8, seq: int = 32, hidden: int = 64, heads: int = 8, la
     [h, n, d], "bias": [n, d]}, "wo": {"kernel": [n, d, h], "bias": [h]}, "fc1": {"kernel":
     [h, 4h], "bias": [4h]}, "fc2": {"kernel": [4h, h], "bias": [h]}}. batch: {"tokens",
     "targets": int32 [batch, seq]}. With `abstract=True` every leaf is a `jax.ShapeDtypeStruct`.
+    `dtype="bfloat16"` computes in bfloat16 with float32 weights and Adam state (mixed
+    precision: 16 bytes of model state per parameter, as Megatron-LM counts it).
     """
     if hidden % heads:
         raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
@@ -98,7 +103,7 @@ def make_gpt(batch: int = 8, seq: int = 32, hidden: int = 64, heads: int = 8, la
     def new_model():
         """A freshly initialised model."""
         return GPT(layers=layers, hidden=hidden, heads=heads, vocab=vocab, seq=seq, scan=scan,
-                   rngs=nnx.Rngs(params=k_params))
+                   rngs=nnx.Rngs(params=k_params), dtype=dtype and jnp.dtype(dtype))
 
     def init():
         """Parameters (a pure dict), optimizer state and a batch."""
@@ -110,7 +115,7 @@ def make_gpt(batch: int = 8, seq: int = 32, hidden: int = 64, heads: int = 8, la
 
     def loss_fn(params, batch):
         """Mean next-token cross-entropy of the model rebuilt from `params`."""
-        logits = nnx.merge(graphdef, params)(batch["tokens"])
+        logits = nnx.merge(graphdef, params)(batch["tokens"]).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
 
     train_step = optimizer_step(loss_fn, tx)

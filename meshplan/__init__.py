@@ -24,9 +24,9 @@ del _here
 from meshplan import clusters  # noqa: E402
 from meshplan._api import AutoParallel, auto_parallel, baselines, estimate
 from meshplan.costmodel import Cluster, DeviceSpec, Efficiency, LinkTier
-from meshplan.planner import Alternative, Constraints, Cost, Plan, Stage
+from meshplan.planner import Alternative, Constraints, Cost, PipelineSettings, Plan, Stage
 from meshplan.runtime import Measured, measure
 
 __all__ = ["Alternative", "AutoParallel", "Cluster", "Constraints", "Cost", "DeviceSpec",
-           "Efficiency", "LinkTier", "Measured", "Plan", "Stage", "auto_parallel", "baselines",
-           "clusters", "estimate", "measure"]
+           "Efficiency", "LinkTier", "Measured", "PipelineSettings", "Plan", "Stage",
+           "auto_parallel", "baselines", "clusters", "estimate", "measure"]

@@ -6,6 +6,7 @@ import functools
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from meshplan.costmodel import Cluster
@@ -91,6 +92,7 @@ class AutoParallel:
         self._traced: dict[tuple, _Traced] = {}
         self._plans: dict[tuple, Plan] = {}
         self._compiled: dict[tuple, Any] = {}
+        self._weights: dict[tuple, dict] = {}  # pipelines: per-value microbatch weights
         functools.update_wrapper(self, fn)
 
     @property
@@ -189,12 +191,61 @@ class AutoParallel:
 
     def compile(self, *args, plan: Plan | None = None):
         """The step compiled under its plan: a `jax.stages.Compiled`."""
+        plan = plan or self.plan(*args)
+        if plan.stages:
+            raise ValueError("a pipelined plan runs as one program per stage and pass, not as "
+                             "one compiled program; call the step to run it, or plan with "
+                             "Constraints(pp=1) to get one program to compile and measure.")
         return self._jitted(args, plan).lower(*self._split(args)[0]).compile()
+
+    def _pipelined(self, args, plan: Plan):
+        """The step run as `plan`'s pipeline (see meshplan.runtime._pipestep)."""
+        from meshplan.planner._layers import find_layers
+        from meshplan.planner._ops import build_view
+        from meshplan.runtime._pipestep import PipelinedStep
+        m = plan.pipeline.microbatches
+        t = self.trace(*args)
+        data = [i for i in t.graph.input_info if i.role == "data"]
+        full = {i.value: t.graph.values[i.value].shape for i in data}
+        bad = [i.path for i in data if not full[i.value] or full[i.value][0] % m]
+        if not data or bad:
+            raise ValueError(f"a pipeline of {m} microbatches splits dim 0 of every data "
+                             f"argument by {m}; {bad or 'no data argument'} cannot be split. "
+                             "Choose num_microbatches dividing the batch.")
+        micro_args, double_args = _batch_resized(args, self, data, m)
+        tm = self.trace(*micro_args)
+        view = build_view(tm.graph, tm.pairs)
+        layers = find_layers(view, tm.pairs)
+        if layers is None:
+            raise ValueError("this step has no repeated layers to split into stages.")
+        labels = {op.node.id: (layers.op_pass[op.id], layers.op_layer[op.id])
+                  for op in view.ops if op.node is not None and op.id in layers.op_pass
+                  and op.mult == 1}
+        micro_data = frozenset(i.value for i in tm.graph.input_info if i.role == "data")
+        runner = PipelinedStep(tm.graph, labels, plan, tm.graph.outputs, tm.pairs,
+                               sorted(micro_data), m)
+        # Measured once per step signature and microbatch count (plans differ in stages).
+        wkey = (self._key(micro_args), tuple(sorted(runner.accumulated)))
+        if wkey not in self._weights:
+            self._weights[wkey] = _microbatch_weights(self, args, micro_args, double_args, tm,
+                                                      sorted(runner.accumulated), m)
+        runner.weights = self._weights[wkey]
+        layouts = dict(zip(tm.graph.inputs, plan.in_layouts))
+        out_treedef, graph = tm.out_treedef, tm.graph
+
+        def step(*dyn):
+            leaves = jax.tree_util.tree_leaves(dyn)
+            state = {v: x for v, x in zip(graph.inputs, leaves) if v not in micro_data}
+            batch = {v: x for v, x in zip(graph.inputs, leaves) if v in micro_data}
+            return jax.tree_util.tree_unflatten(out_treedef, runner(state, batch, layouts))
+        return step
 
     def _jitted(self, args, plan: Plan | None = None):
         from meshplan.runtime import build_mesh, interpret
         plan = plan or self.plan(*args)
         key = (self._key(args), id(plan))
+        if key not in self._compiled and plan.stages:
+            self._compiled[key] = self._pipelined(args, plan)
         if key not in self._compiled:
             t = self.trace(*args)
             mesh = build_mesh(plan)
@@ -218,6 +269,94 @@ class AutoParallel:
     def __call__(self, *args):
         dyn, _ = self._split(args)
         return self._jitted(args)(*dyn)
+
+
+def _batch_resized(args, step, data, m):
+    """The arguments with every data leaf's batch cut to B/m, and to 2B/m."""
+    dyn, _ = step._split(args)
+    paths = {i.path for i in data}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(dyn)
+
+    def resized(factor):
+        out = []
+        for path, x in leaves:
+            key = f"[{path[0].idx}]" + jax.tree_util.keystr(path[1:])
+            if key in paths:
+                shape = (x.shape[0] * factor // m,) + tuple(x.shape[1:])
+                out.append(jax.ShapeDtypeStruct(shape, x.dtype))
+            else:
+                out.append(jax.ShapeDtypeStruct(np.shape(x), x.dtype))
+        return _with_static(args, step, jax.tree_util.tree_unflatten(treedef, out))
+    return resized(1), resized(2)
+
+
+def _with_static(args, step, dyn):
+    """Full argument tuple: `dyn` in the dynamic positions, the static ones kept."""
+    it = iter(dyn)
+    return tuple(args[i] if i in step.static_argnums else next(it) for i in range(len(args)))
+
+
+def _microbatch_weights(step, args, micro_args, double_args, tm, wanted, m) -> dict:
+    """Per value combined over microbatches: 1/m if it averages over the batch, 1 if it
+    sums. Measured: the step runs on its first microbatch, alone and twice over; a mean
+    stays, a sum doubles."""
+    from meshplan.runtime import Interpreter
+    if not wanted:
+        return {}
+    td = step.trace(*double_args)
+    gm, gd = tm.graph, td.graph
+    if len(gm.nodes) != len(gd.nodes):
+        raise ValueError("the step traces to different programs for different batch sizes; "
+                         "a pipeline cannot split its batch. Plan with Constraints(pp=1).")
+    # The same value in the doubled program: same node, same output position.
+    twin = {v: w for a, b in zip(gm.nodes, gd.nodes) for v, w in zip(a.outputs, b.outputs)}
+    leaves = jax.tree_util.tree_leaves(step._split(args)[0])
+    micro = jax.tree_util.tree_leaves(step._split(micro_args)[0])
+    one, two = [], []
+    for x, shape, info in zip(leaves, micro, gm.input_info):
+        if info.role == "data":  # its first microbatch, alone and twice
+            b = shape.shape[0]
+            one.append(x[:b])
+            two.append(jnp.concatenate([x[:b], x[:b]]))
+        else:
+            one.append(x)
+            two.append(x)
+
+    def values(graph, ids, ins):
+        it = Interpreter(graph, _Bare(), None)
+
+        def run(*a):
+            env = dict(zip(graph.inputs, a))
+            read = lambda v: graph.values[v].const if graph.values[v].is_const else env[v]
+            for node in graph.nodes:
+                env.update(zip(node.outputs, it._eval(node, [read(v) for v in node.inputs])))
+            return [env[v] for v in ids]
+        return [np.asarray(o, np.float64) for o in jax.jit(run)(*ins)]
+
+    a = values(gm, wanted, one)
+    b = values(gd, [twin[v] for v in wanted], two)
+    out = {}
+    for v, x, y in zip(wanted, a, b):
+        scale = float(np.vdot(x, y) / np.vdot(x, x)) if np.vdot(x, x) > 0 else 1.0
+        if abs(scale - 1) < 1e-3:
+            out[v] = 1.0 / m
+        elif abs(scale - 2) < 1e-3:
+            out[v] = 1.0
+        else:
+            raise ValueError(
+                f"a value the step hands from its backward pass to its update is neither "
+                f"averaged nor summed over the batch (doubling the batch scaled it by "
+                f"{scale:.4g}); a pipeline cannot combine its microbatches. Plan with "
+                "Constraints(pp=1).")
+    return out
+
+
+class _Bare:
+    """A stand-in plan for running a graph without layout pins."""
+
+    value_layouts: dict = {}
+    op_inputs: dict = {}
+    axis_names: tuple = ()
 
 
 def _spec(layout, plan: Plan):

@@ -65,7 +65,7 @@ def assign(problem: Problem, choice) -> Assignment:
     return Assignment(value_layout, op_layouts)
 
 
-def evaluate(problem: Problem, choice, live: Liveness, aliased: frozenset[int] = frozenset(),
+def evaluate(problem: Problem, choice, live: Liveness | None, aliased: frozenset[int] = frozenset(),
              axis_names: tuple[str, ...] | None = None) -> tuple[Cost, Assignment]:
     """Cost of `choice`: strategies' own costs plus resharding, each distinct reshard once."""
     a = assign(problem, choice)
@@ -111,8 +111,10 @@ def evaluate(problem: Problem, choice, live: Liveness, aliased: frozenset[int] =
     # XLA:CPU lowers reduce-scatter to all-reduce + slice; a plan whose collectives include
     # a real reduce-scatter was costed for a backend that has one.
     scatters = any(c.kind == "reduce-scatter" for c, _, _ in comms)
-    mem: MemoryBreakdown = memory(problem.view, live, a.value_layout, mesh_shape, aliased,
-                                  a.op_layouts, scatters)
+    # Without a liveness timeline (a pipeline stage's plan, whose memory is counted per
+    # layer by the pipeline model) the whole-step memory is not computed.
+    mem = MemoryBreakdown(0.0, 0.0, 0.0, 0.0) if live is None else \
+        memory(problem.view, live, a.value_layout, mesh_shape, aliased, a.op_layouts, scatters)
     step = compute + sum(mult * comm.time(c.kind, c.nbytes, c.axes) for c, mult, _ in comms)
     cost = Cost(step, flops, sent, mem.peak, tuple(breakdown.items()),
                 (("argument", mem.argument), ("output", mem.output), ("temp", mem.temp),

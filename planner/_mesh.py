@@ -68,21 +68,40 @@ class CommModel:
     hundreds of thousands of reshard costs.
     """
 
-    def __init__(self, cluster: Cluster, mesh: LogicalMesh):
+    def __init__(self, cluster: Cluster, mesh: LogicalMesh, shared: dict | None = None):
         self.cluster = cluster
         self.mesh = mesh
         self._fits: dict[tuple[str, Axes], _LinearTime] = {}
         self.reshard_memo: dict[tuple, float] = {}  # (bytes, src, dst) -> seconds
+        # Group times by link structure, shareable between the meshes of one search (a
+        # 1024-device mesh has 128 groups per axis; without pair overrides they are alike).
+        self._group_times = shared if shared is not None else {}
+
+    def _group_key(self, kind: str, group: tuple[int, ...]):
+        c = self.cluster
+        if c.pair_bandwidth is not None or c.pair_latency is not None:
+            return (kind, id(c), group)  # measured links: every group is its own
+        nodes: dict[int, int] = {}
+        sites: dict[int, int] = {}
+        shape = tuple(nodes.setdefault(c.node_of[d], len(nodes)) for d in group)
+        where = () if c.site_of is None else \
+            tuple(sites.setdefault(c.site_of[d], len(sites)) for d in group)
+        return (kind, shape, where, c.tiers)
+
+    def _group_time(self, kind: str, group: tuple[int, ...]):
+        key = self._group_key(kind, group)
+        if key not in self._group_times:
+            probe = 1 << 30  # 1 GiB: large enough that the bandwidth term is well resolved
+            self._group_times[key] = (collective_algorithms(kind, 0.0, group, self.cluster),
+                                      collective_algorithms(kind, float(probe), group,
+                                                            self.cluster), probe)
+        return self._group_times[key]
 
     def _fit(self, kind: str, axes: Axes) -> _LinearTime:
         key = (kind, axes)
         if key not in self._fits:
-            probe = 1 << 30  # 1 GiB: large enough that the bandwidth term is well resolved
-            per_group = []
-            for group in self.mesh.groups(axes):
-                t0 = collective_algorithms(kind, 0.0, group, self.cluster)
-                t1 = collective_algorithms(kind, float(probe), group, self.cluster)
-                per_group.append((t0, t1))
+            per_group = [self._group_time(kind, tuple(g)) for g in self.mesh.groups(axes)]
+            probe = per_group[0][2]
             names = list(per_group[0][0])
             # The slowest group sets the pace: collectives over an axis run in lockstep.
             alphas = tuple(max(g[0][n] for g in per_group) for n in names)

@@ -25,8 +25,12 @@ class Constraints:
       zero: ZeRO stage over the dp axis. 0: parameters and optimizer state replicated over
         dp; 1: optimizer state sharded over dp; 3: parameters too (FSDP).
       tp_params: every parameter of rank >= 2 must be split over "tp" (Megatron's rule).
-      pp, num_microbatches, schedule, virtual_stages, remat: pipeline settings; pipelines
-        are not planned yet, so only pp=1 is accepted.
+      pp: pipeline stages (1: no pipeline).
+      num_microbatches: microbatches per step in a pipeline (the global batch is fixed).
+      schedule: "gpipe", "1f1b" or "interleaved"; virtual_stages: chunks per device for
+        the interleaved schedule.
+      remat: "none" or "full" (each layer's forward pass recomputed in the backward, so
+        only its input is kept); pipelines only.
 
     >>> Constraints(tp=4, dp=2)
     Constraints(tp=4, dp=2, mesh_shape=None, zero=None, tp_params=None, pp=None, num_microbatches=None, schedule=None, virtual_stages=None, remat=None)
@@ -50,13 +54,19 @@ class Constraints:
                 raise ValueError(f"Constraints.{name} must be a positive int; got {v!r}")
         if self.zero not in (None, 0, 1, 3):
             raise ValueError(f"Constraints.zero must be 0, 1 or 3 (ZeRO stage); got {self.zero!r}")
-        if self.pp not in (None, 1) or self.num_microbatches not in (None, 1) \
-                or self.schedule is not None or self.virtual_stages not in (None, 1) \
-                or self.remat not in (None, "none"):
-            raise NotImplementedError(
-                "pipeline parallelism and rematerialisation choices (pp, num_microbatches, "
-                "schedule, virtual_stages, remat) are not planned by this version; leave them "
-                "unset or pp=1.")
+        from meshplan.costmodel import SCHEDULES
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ValueError(f"Constraints.schedule={self.schedule!r}; choose one of {SCHEDULES}.")
+        if self.remat not in (None, "none", "full"):
+            raise ValueError(f"Constraints.remat={self.remat!r}; choose 'none' or 'full' "
+                             "(recompute each layer's forward pass in the backward).")
+        if self.virtual_stages not in (None, 1) and self.schedule not in (None, "interleaved"):
+            raise ValueError(f"Constraints.virtual_stages={self.virtual_stages} needs "
+                             f"schedule='interleaved' (got {self.schedule!r}).")
+        if self.pp == 1 and (self.num_microbatches not in (None, 1) or self.schedule
+                             or self.virtual_stages not in (None, 1)):
+            raise ValueError("Constraints.pp=1 (no pipeline) cannot take num_microbatches, "
+                             "schedule or virtual_stages; leave pp unset or give pp > 1.")
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -69,6 +79,21 @@ class Stage:
     layers: tuple[int, int]
     device_ids: tuple[int, ...]
     mesh_shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSettings:
+    """How a pipelined plan runs: microbatches, schedule, chunks per device, memory choices.
+
+    zero: ZeRO stage over each stage's data-parallel axis (0 none, 1 optimizer state,
+    3 weights and gradients too).
+    """
+
+    microbatches: int
+    schedule: str
+    virtual_stages: int = 1
+    remat: str = "none"
+    zero: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +150,7 @@ class Plan:
     cluster_fingerprint: str
     cluster_name: str
     stages: tuple[Stage, ...] = ()
+    pipeline: PipelineSettings | None = None
     alternatives: tuple[Alternative, ...] = ()
     baselines: tuple[Alternative, ...] = ()
     solver: tuple[tuple[str, Any], ...] = ()
@@ -134,8 +160,10 @@ class Plan:
 
     @property
     def device_ids(self) -> np.ndarray:
-        """Physical device ids laid out in the mesh's shape."""
-        return np.asarray(self.device_order).reshape(self.mesh_shape)
+        """Physical device ids laid out in the mesh's shape ([stages, *mesh] if pipelined)."""
+        p = len(self.stages) // (self.pipeline.virtual_stages if self.pipeline else 1)
+        shape = ((p,) if self.stages else ()) + tuple(self.mesh_shape)
+        return np.asarray(self.device_order).reshape(shape)
 
     @property
     def in_shardings(self):
@@ -169,6 +197,18 @@ class Plan:
                  f"{self.cost.flops:.3e} FLOPs/device, {self.cost.comm_bytes / 2**20:.2f} MiB "
                  f"sent/device, peak memory {self.cost.peak_memory / 2**20:.1f} MiB/device",
                  *_time_lines(dict(self.cost.breakdown))]
+        if self.stages:
+            pp = self.pipeline
+            lines.append(f"  pipeline: {len(self.stages) // pp.virtual_stages} stages, "
+                         f"{pp.microbatches} microbatches, "
+                         f"schedule {pp.schedule}" +
+                         (f" x{pp.virtual_stages} chunks" if pp.virtual_stages > 1 else "") +
+                         f", remat {pp.remat}, ZeRO-{pp.zero}; layer 0 is the embedding "
+                         "('pre'), the last the head and loss ('post')")
+            for i, st in enumerate(self.stages):
+                lines.append(f"    {'chunk' if pp.virtual_stages > 1 else 'stage'} {i}: "
+                             f"layers [{st.layers[0]}, {st.layers[1]}) on "
+                             f"devices {st.device_ids[0]}..{st.device_ids[-1]}")
         if self.solver:
             lines.append("  solver: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self.solver))
         lines.append("  argument layouts:")
@@ -228,6 +268,7 @@ class Plan:
             "cluster_fingerprint": self.cluster_fingerprint,
             "cluster_name": self.cluster_name,
             "stages": [dataclasses.asdict(s) for s in self.stages],
+            "pipeline": None if self.pipeline is None else dataclasses.asdict(self.pipeline),
             "alternatives": [_alt_json(a) for a in self.alternatives],
             "baselines": [_alt_json(a) for a in self.baselines],
             "solver": {k: _fmt(v) for k, v in self.solver},
@@ -265,6 +306,8 @@ class Plan:
                 cluster_name=str(d["cluster_name"]),
                 stages=tuple(Stage(tuple(s["layers"]), tuple(s["device_ids"]),
                                    tuple(s["mesh_shape"])) for s in d.get("stages", [])),
+                pipeline=None if d.get("pipeline") is None else
+                PipelineSettings(**d["pipeline"]),
                 alternatives=tuple(_alt_from(a) for a in d.get("alternatives", [])),
                 baselines=tuple(_alt_from(a) for a in d.get("baselines", [])),
                 solver=tuple(d.get("solver", {}).items()),
@@ -303,6 +346,10 @@ def _time_lines(parts: dict[str, float]) -> list[str]:
     collective kind, by mesh axis: each sums to the communication total, so they are
     shown apart), with the share spent resharding between ops."""
     ms = lambda v: f"{v * 1e3:.3f} ms"  # noqa: E731
+    if "bubble" in parts:  # a pipeline
+        return [f"  time: pipeline busy {ms(parts.get('pipeline busy', 0.0))} (of it p2p "
+                f"{ms(parts.get('p2p', 0.0))}) + bubble {ms(parts['bubble'])} + per-step "
+                f"work {ms(parts.get('per-step work', 0.0))}"]
     kinds = {k: v for k, v in parts.items()
              if k not in ("compute", "reshard") and not k.startswith("axis:")}
     axes = {k[len("axis:"):]: v for k, v in parts.items() if k.startswith("axis:")}

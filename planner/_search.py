@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from meshplan.costmodel import Cluster, Efficiency
+from meshplan.costmodel import SCHEDULES, Cluster, Efficiency
 from meshplan.ir import Graph
 from meshplan.ir._util import paused_gc
 from meshplan.planner._evaluate import Cost, evaluate
@@ -17,13 +17,17 @@ from meshplan.planner._ilp import SolveResult, refine, solve
 from meshplan.planner._memory import liveness, memory_rows, peak_times
 from meshplan.planner._mesh import CommModel, LogicalMesh, factorizations
 from meshplan.planner._ops import POp, batch_dims, build_view
-from meshplan.planner._plan import Alternative, Constraints, Plan
+from meshplan.planner._layers import Layers, find_layers
+from meshplan.planner._pipe import PipelineChoice, best_pipeline, layer_costs
+from meshplan.planner._plan import Alternative, Constraints, PipelineSettings, Plan, Stage
 from meshplan.planner._problem import Restrictions, build_problem, group_view
 
 # The ILP's memory rows are placed at the liveness peaks of the unsharded program; when the
 # decoded plan peaks elsewhere, that time is added and the ILP solved again, at most this
 # often (each round adds the true peak of the previous answer, which converges fast).
 _MEMORY_ROUNDS = 3
+# Above this many nodes the mesh search keeps its inner axis inside a node (see candidates).
+_SMALL_CLUSTER_NODES = 4
 _PEAKS_PER_ROW_SET = 3
 
 
@@ -63,6 +67,8 @@ class Solved:
     assignment: object
     result: SolveResult
     problem: object
+    pipeline: PipelineChoice | None = None  # set for pipelined plans (mesh: one stage's)
+    stage_order: tuple[int, ...] = ()  # all devices, stage by stage
 
 
 def device_order(cluster: Cluster) -> tuple[int, ...]:
@@ -93,6 +99,12 @@ def candidates(cluster: Cluster, c: Constraints) -> list[MeshCandidate]:
         return [MeshCandidate(LogicalMesh(tuple(shape), order), tuple(names),
                               "x".join(f"{a}{s}" for a, s in zip(names, shape)))]
     shapes = [tuple(c.mesh_shape)] if c.mesh_shape is not None else factorizations(n)
+    if c.mesh_shape is None and cluster.num_nodes > _SMALL_CLUSTER_NODES:
+        # On many nodes, an inner axis wider than a node would run its tensor-parallel
+        # traffic over the slow tier: Megatron-LM keeps tp inside a node (Narayanan et al.,
+        # SC'21, section 3.3), so these shapes are not worth an ILP each.
+        per_node = len(cluster.devices_of_node(cluster.node_of[0]))
+        shapes = [s for s in shapes if len(s) == 1 or s[-1] <= per_node]
     for s in shapes:
         if math.prod(s) != n:
             raise ValueError(f"mesh_shape {s} has {math.prod(s)} devices; the cluster has {n}.")
@@ -167,9 +179,13 @@ def _slowest(cluster: Cluster, ids):
 
 def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: Constraints,
                     opts: SearchOptions, aliased: frozenset[int], limit: float,
-                    grouping=None) -> Solved:
-    """Build and solve the ILP for one mesh candidate; re-solve if memory peaks elsewhere."""
-    comm = CommModel(cluster, cand.mesh)
+                    grouping=None, shared: dict | None = None, exact_memory: bool = True
+                    ) -> Solved:
+    """Build and solve the ILP for one mesh candidate; re-solve if memory peaks elsewhere.
+
+    `shared` memoises collective times by link structure across the candidates of a search.
+    """
+    comm = CommModel(cluster, cand.mesh, shared)
     restrict = _restrictions(cand.names, c, cand.mesh.shape, graph_view)
     device = _slowest(cluster, cand.mesh.device_ids)
     rs_as_ar = all(cluster.devices[i].kind == "cpu" for i in cand.mesh.device_ids)
@@ -184,7 +200,8 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
         refined, _ = refine(problem, result.choice, rows)
         result = dataclasses.replace(result, choice=refined)
         names = cand.names or tuple(f"a{i}" for i in range(len(cand.mesh.shape)))
-        cost, assignment = evaluate(problem, result.choice, live, aliased, names)
+        cost, assignment = evaluate(problem, result.choice, live if exact_memory else None,
+                                    aliased, names)
         if cost.peak_memory <= limit or result.status == "INFEASIBLE":
             break
         lay = assignment.value_layout
@@ -202,6 +219,155 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
         cost = dataclasses.replace(cost, breakdown=tuple((rename.get(k, k), v)
                                                          for k, v in cost.breakdown))
     return Solved(cand, names, cost, assignment, result, problem)
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.2f} MiB"
+
+
+def pipeline_degrees(n: int, num_layers: int, c: Constraints, per_node: int) -> list[int]:
+    """Stage counts to try: divisors of the device count up to the number of layers, whose
+    stages can hold the pinned tp x dp, and (unless pp is pinned) whose stages are whole
+    nodes: pipelines cross the slow links, tensor and data parallelism stay on the fast
+    ones (Alpa's submesh rule, Zheng et al., OSDI 2022, section 5.2, and Megatron-LM's
+    placement)."""
+    if c.pp is not None:
+        if c.pp == 1:
+            return []
+        s = n // c.pp if n % c.pp == 0 else 0
+        if not s or (c.tp and s % c.tp) or (c.dp and s % c.dp) or \
+                (c.tp and c.dp and c.tp * c.dp != s):
+            raise ValueError(f"Constraints(pp={c.pp}, tp={c.tp}, dp={c.dp}) does not fit "
+                             f"{n} devices: pp x tp x dp must equal the device count.")
+        if c.pp > num_layers:
+            raise ValueError(f"Constraints(pp={c.pp}) asks for more stages than the "
+                             f"{num_layers} layers found (embedding, blocks, head).")
+        return [c.pp]
+    if c.mesh_shape is not None:
+        return []  # a pinned mesh shape describes the whole, unpipelined mesh
+    out = []
+    for p in range(2, min(n, num_layers) + 1):
+        s = n // p
+        if n % p or s % per_node or (c.tp and s % c.tp) or (c.dp and s % c.dp) or \
+                (c.tp and c.dp and c.tp * c.dp != s):
+            continue
+        out.append(p)
+    return out
+
+
+def stage_candidates(sub: Cluster, c: Constraints) -> list[MeshCandidate]:
+    """Meshes for one stage: "dp" x "tp" with tp inside a node (Megatron's placement)."""
+    if c.tp is not None or c.dp is not None:
+        return candidates(sub, Constraints(tp=c.tp, dp=c.dp))
+    s = sub.num_devices
+    per_node = len(sub.devices_of_node(sub.node_of[0]))
+    out = []
+    for tp in (t for t in range(1, s + 1) if s % t == 0 and t <= per_node):
+        out += candidates(sub, Constraints(tp=tp, dp=s // tp))
+    return out
+
+
+def _hop(cluster: Cluster, chunks: list[tuple[int, ...]]):
+    """Seconds to send nbytes per device from each stage to the next: the slowest pair."""
+    links = [cluster.link(a[0], b[0]) for a, b in zip(chunks, chunks[1:])]
+
+    def hop(nbytes: float) -> float:
+        return max((lat + nbytes / bw for bw, lat in links), default=0.0) if nbytes > 0 \
+            else 0.0
+    return hop
+
+
+def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions, aliased,
+               limit: float, grouping, pairs, progress, shared, why: list[str]
+               ) -> list[tuple[str, Solved]]:
+    """Pipelined plans: for each stage count, each stage mesh's intra-op plan, cut into
+    layers, with the best split, microbatches, schedule, remat and ZeRO stage."""
+    n = cluster.num_devices
+    layers = find_layers(view, pairs) if c.pp != 1 else None
+    if layers is None:
+        if c.pp not in (None, 1):
+            raise ValueError(f"Constraints(pp={c.pp}) needs repeated layers to split into "
+                             "stages, and none were found in this step (no parameters that "
+                             "differ only in a layer index, no scan over layers); leave pp "
+                             "unset.")
+        return []
+    order = device_order(cluster)
+    in_place = frozenset(v for v, out in pairs.items() if out in aliased)
+    act_scale: dict[int, float] = {}
+    runs = []
+    per_node = len(cluster.devices_of_node(cluster.node_of[0]))
+    for p in pipeline_degrees(n, layers.num_layers, c, per_node):
+        size = n // p
+        chunks = [tuple(order[i * size:(i + 1) * size]) for i in range(p)]
+        sub = cluster.subset(chunks[0])
+        hop = _hop(cluster, chunks)
+        for cand in stage_candidates(sub, c):
+            # The stage's own memory is checked per layer range below; the whole-step
+            # memory rows of the ILP do not apply to one stage.
+            solved = solve_candidate(view, live, sub, cand, Constraints(), opts, aliased,
+                                     float("inf"), grouping, shared, exact_memory=False)
+            dp_axes = tuple(i for i, a in enumerate(solved.axis_names) if a.startswith("dp"))
+            costs = layer_costs(solved.problem, solved.result.choice, solved.assignment,
+                                layers, live, dp_axes, in_place)
+            # Calibrate the per-layer activation bytes once per tensor-parallel degree
+            # against the whole-step memory model (one memory pass, not one per stage).
+            tp = math.prod(s for a, s in zip(solved.axis_names, cand.mesh.shape)
+                           if not a.startswith("dp"))
+            if tp not in act_scale:
+                exact, _ = evaluate(solved.problem, solved.result.choice, live, aliased)
+                act_scale[tp] = costs.calibrated(exact.peak_memory).act_scale
+            costs = dataclasses.replace(costs, act_scale=act_scale[tp])
+            dp = costs.dp_size
+            per_replica = costs.batch // dp
+            if c.num_microbatches and (costs.batch % dp or per_replica % c.num_microbatches):
+                why.append(f"num_microbatches={c.num_microbatches} does not divide the "
+                           f"{per_replica} samples each of dp={dp} replicas gets from the "
+                           f"batch of {costs.batch}")
+                continue
+            choice = best_pipeline(
+                costs, p, limit, hop,
+                schedules=(c.schedule,) if c.schedule else SCHEDULES,
+                remats=(c.remat,) if c.remat else ("none", "full"),
+                zeros=(c.zero,) if c.zero is not None else ((0, 1, 3) if dp > 1 else (0,)),
+                microbatches=c.num_microbatches,
+                virtual=(c.virtual_stages,) if c.virtual_stages else (2,))
+            label = f"pp{p} {cand.label}"
+            if progress:
+                progress(f"{label}: " + ("no split fits" if choice is None else
+                                         f"{choice.step_time * 1e3:.3f} ms"))
+            if choice is None:
+                why.append(f"{label}: no split of the layers fits {_bytes(limit)} per device")
+                continue
+            cost = _pipeline_cost(costs, choice, solved)
+            runs.append((label, dataclasses.replace(
+                solved, cost=cost, pipeline=choice,
+                stage_order=tuple(d for ch in chunks
+                                  for d in _stage_ids(cand.mesh.device_ids, chunks[0], ch)))))
+    return runs
+
+
+def _stage_ids(first_ids, first_chunk, chunk) -> tuple[int, ...]:
+    """A stage's devices in the order the first stage's mesh uses its own."""
+    pos = {d: k for k, d in enumerate(first_chunk)}
+    return tuple(chunk[pos[d]] for d in first_ids)
+
+
+def _pipeline_cost(costs, pc: PipelineChoice, solved: Solved) -> Cost:
+    """The Cost record of a pipelined plan (per device of the busiest stage)."""
+    p = len(pc.stages) // pc.virtual_stages
+    per_device_flops, per_device_sent = [0.0] * p, [0.0] * p
+    for k, (a, z) in enumerate(pc.stages):  # chunk k runs on stage k mod p's devices
+        per_device_flops[k % p] += float(costs.flops[a:z].sum()) + \
+            (float(costs.forward_flops[a:z].sum()) if pc.remat == "full" else 0.0)
+        per_device_sent[k % p] += float(costs.sent[a:z].sum())
+    flops = max(per_device_flops)
+    busy = pc.step_time - pc.bubble - pc.step_work
+    sent = max(per_device_sent) + pc.p2p_bytes
+    # busy + bubble + per-step work = step time; p2p is the part of busy spent sending.
+    breakdown = (("pipeline busy", busy), ("bubble", pc.bubble), ("p2p", pc.p2p),
+                 ("per-step work", pc.step_work))
+    memory = tuple((f"stage {i}", m) for i, m in enumerate(pc.stage_memory))
+    return Cost(pc.step_time, flops, sent, pc.peak_memory, breakdown, memory, ())
 
 
 def _axis_subsets(n: int) -> list[tuple[int, ...]]:
@@ -235,41 +401,51 @@ def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraint
     aliased = frozenset(pairs[v] for v in donated if v in pairs)
     limit = options.memory_limit or min(d.memory_bytes for d in cluster.devices)
     grouping = group_view(view, options.tie_layers)
+    shared: dict = {}  # collective times by link structure, for every mesh below
     runs: list[tuple[str, Solved]] = []
-    for cand in candidates(cluster, constraints):
+    for cand in (candidates(cluster, constraints) if constraints.pp in (None, 1) else []):
         solved = solve_candidate(view, live, cluster, cand, constraints, options, aliased, limit,
-                                 grouping)
+                                 grouping, shared)
         runs.append((cand.label, solved))
         if progress:
             progress(f"mesh {cand.label}: {solved.cost.step_time * 1e3:.3f} ms "
                      f"({solved.result.status}, {solved.result.wall_time:.2f} s)")
+    why: list[str] = []  # why pipeline candidates were dropped, for the error below
+    pipes = _pipelined(view, live, cluster, constraints, options, aliased, limit, grouping,
+                       pairs, progress, shared, why)
     base_runs: list[tuple[str, Solved]] = []
     for name, bc in (baselines or {}).items():
         for cand in candidates(cluster, bc):
             base_runs.append((name, solve_candidate(view, live, cluster, cand, bc, options,
-                                                    aliased, limit, grouping)))
+                                                    aliased, limit, grouping, shared)))
     fits = [(l, s) for l, s in runs if s.cost.peak_memory <= limit]
+    fits += [(l, s) for l, s in pipes if s.cost.peak_memory <= limit]
     # Hand rules are points of the planner's own search space: if the ILP stopped short of
     # one of them (time limit), that point is the better plan and is taken.
     fits += [("rule:" + l, s) for l, s in base_runs if s.cost.peak_memory <= limit
              and constraints == Constraints()]
     if not fits:
-        need = min(s.cost.peak_memory for _, s in runs)
+        if not runs and not pipes:
+            raise ValueError(f"no plan matches {constraints}: " + "; ".join(why[:3]) +
+                             ". Relax the constraints.")
+        need = min(s.cost.peak_memory for _, s in runs + pipes)
         raise MemoryError(
-            f"no plan fits {limit / 2**30:.2f} GiB per device; the smallest found needs "
-            f"{need / 2**30:.2f} GiB. Use more devices, a smaller batch, or raise memory_limit.")
+            f"no plan fits {_bytes(limit)} per device; the smallest found needs "
+            f"{_bytes(need)}. Use more devices, a smaller batch, or raise memory_limit.")
     fits.sort(key=lambda ls: ls[1].cost.step_time)
     label, best = fits[0]
     plan = _to_plan(graph, cluster, best, view, out_values, in_treedef, out_treedef, pairs,
                     time_spent=_time.perf_counter() - t0)
-    alts = tuple(Alternative(f"mesh {l}", s.candidate.mesh.shape, s.axis_names, s.cost)
-                 for l, s in sorted(runs, key=lambda ls: ls[1].cost.step_time)
+
+    alts = tuple(Alternative(l if l.startswith("pp") else f"mesh {l}",
+                             s.candidate.mesh.shape, s.axis_names, s.cost)
+                 for l, s in sorted(runs + pipes, key=lambda ls: ls[1].cost.step_time)
                  if s is not best)
     bases = tuple(Alternative(l, s.candidate.mesh.shape, s.axis_names, s.cost)
                   for l, s in base_runs)
     notes = ()
     if label.startswith("rule:"):
-        own = min((s for _, s in runs), key=lambda s: s.cost.step_time)
+        own = min((s for _, s in runs + pipes), key=lambda s: s.cost.step_time)
         notes = (f"the hand rule {label[5:]!r} costs less than the solver's best answer "
                  f"({own.cost.step_time * 1e3:.3f} ms, {own.result.status}), so it is taken: "
                  "a longer time_limit may let the solver find it or better",)
@@ -299,12 +475,23 @@ def _to_plan(graph, cluster, best: Solved, view, out_values, in_treedef, out_tre
             op_inputs[op.node.id] = tuple(ins)
     r = best.result
     problem = best.problem
+    stages, settings, order = (), None, best.candidate.mesh.device_ids
+    if best.pipeline is not None:
+        pc = best.pipeline
+        order = best.stage_order
+        p = len(pc.stages) // pc.virtual_stages
+        chunk = len(order) // p
+        # Interleaved: p * v virtual stages, the k-th on the devices of stage k mod p.
+        stages = tuple(Stage(layers, tuple(order[(k % p) * chunk:(k % p + 1) * chunk]),
+                             best.candidate.mesh.shape) for k, layers in enumerate(pc.stages))
+        settings = PipelineSettings(pc.microbatches, pc.schedule, pc.virtual_stages, pc.remat,
+                                    pc.zero)
     solver = (("status", r.status), ("gap", r.gap), ("ilp_seconds", r.wall_time),
               ("plan_seconds", time_spent), ("classes", len(problem.classes)),
               ("groups", len(problem.groups)))
     return Plan(
         mesh_shape=best.candidate.mesh.shape, axis_names=best.axis_names,
-        device_order=best.candidate.mesh.device_ids, in_layouts=in_layouts,
+        device_order=tuple(order), in_layouts=in_layouts, stages=stages, pipeline=settings,
         out_layouts=tuple(out_layouts), in_treedef=in_treedef, out_treedef=out_treedef,
         cost=best.cost, value_layouts=dict(a.value_layout), op_inputs=op_inputs,
         graph_fingerprint=graph_fingerprint(graph), cluster_fingerprint=cluster.fingerprint(),

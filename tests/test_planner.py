@@ -116,8 +116,8 @@ def test_expert_parallelism_found_for_moe():
 def test_constraints_errors_name_the_problem():
     with pytest.raises(ValueError, match="positive int"):
         mp.Constraints(tp=0)
-    with pytest.raises(NotImplementedError, match="pipeline"):
-        mp.Constraints(pp=2)
+    with pytest.raises(ValueError, match="schedule"):
+        mp.Constraints(pp=2, schedule="round-robin")
     ex = make("mlp")
     step = mp.auto_parallel(ex.train_step)
     with pytest.raises(ValueError, match="cluster has 8"):

@@ -1,0 +1,428 @@
+"""Pipeline plans: per-layer costs under an intra-op plan, stage splits, schedules, memory.
+
+The intra-operator ILP plans the whole step on one stage's submesh (repeated layers tie, so
+this costs about as much at 96 layers as at 4). Its solution is then cut into pipeline
+layers (`_layers.find_layers`): per layer, the seconds of its forward and backward work,
+of its once-per-step work (optimizer update, gradient collectives), and the bytes of its
+weights, optimizer state, gradients and saved activations. From those tables:
+
+* A microbatch of B/m samples takes 1/m of each per-microbatch quantity (compute and
+  activation collectives are linear in the batch; link latencies are not scaled down,
+  which overstates tiny microbatches slightly).
+* The stage split minimises the slowest stage (all stages have equal submeshes, so the
+  sum of stage times is fixed and ``sum + (m - 1) * max`` is smallest when ``max`` is),
+  under each stage's memory limit: a greedy fill for a bound, bounds bisected over the
+  candidate stage times. The greedy split is optimal for contiguous ranges because a
+  stage's memory grows with its layers and shrinks with its position (1F1B's later stages
+  hold fewer microbatches).
+* Memory of stage i: weights + optimizer state + gradients of its layers, plus its saved
+  activations for ``in_flight(i)`` microbatches (full recomputation keeps only each layer's
+  input, and re-runs the forward pass during the backward), plus one layer's working set.
+* ZeRO over the stage's data-parallel axis: optimizer state (stage 1) or also weights and
+  gradients (stage 3) split over it; stage 3 gathers each layer's weights once per
+  microbatch in the forward and again in the backward pass (Rajbhandari et al., "ZeRO",
+  SC'20: 1.5x the data-parallel traffic).
+* Point-to-point: each stage boundary sends the activations crossing it forward and their
+  gradients back, per microbatch, over the link between the two stages' devices; the
+  interleaved schedule sends v times as often.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+
+import numpy as np
+
+from meshplan.costmodel import Cluster, in_flight, pipeline_time
+from meshplan.planner._layers import SPREAD, Layers
+from meshplan.planner._layout import reshard, shards
+from meshplan.planner._ops import batch_dims
+
+__all__ = ["LayerCosts", "PipelineChoice", "layer_costs", "best_pipeline"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCosts:
+    """Per pipeline layer (pre, blocks, post), per device, for the whole batch of a step.
+
+    Attributes (arrays of num_layers):
+      forward, backward: seconds of per-microbatch work, summed over all microbatches.
+      step: seconds of once-per-step work (optimizer update, gradient collectives).
+      weights, opt_state: bytes of the layer's parameters and optimizer state.
+      saved: bytes of forward activations the backward pass reads (whole batch).
+      inputs: bytes of the activations entering the layer (whole batch): all a layer keeps
+        under full recomputation.
+      working: bytes of the layer's largest value (whole batch), a stand-in for the
+        transient buffers of one op.
+      weights_dp, opt_state_dp: the part of weights / optimizer state not yet split over
+        the data-parallel axes (what ZeRO would split).
+      gather: seconds to all-gather the layer's weights over the data-parallel axes once.
+      outputs: bytes of the updated weights and optimizer state written to new buffers
+        (state the step does not donate is not updated in place).
+      sent: bytes each device sends per step for the layer's collectives and reshards.
+      forward_flops: the forward pass's share of `flops` (what full recomputation adds).
+      cut: cut[c] = bytes crossing from layers <= c to layers > c in the forward pass.
+      flops: FLOPs per device.
+      dp_size: devices of the stage mesh that split the batch (microbatches divide B/dp).
+      batch: the global batch (dim 0 of the data).
+      act_scale: factor on activation and working bytes (see `calibrated`).
+    """
+
+    forward: np.ndarray
+    backward: np.ndarray
+    step: np.ndarray
+    weights: np.ndarray
+    opt_state: np.ndarray
+    saved: np.ndarray
+    inputs: np.ndarray
+    working: np.ndarray
+    cut: np.ndarray
+    flops: np.ndarray
+    weights_dp: np.ndarray
+    opt_state_dp: np.ndarray
+    gather: np.ndarray
+    sent: np.ndarray
+    forward_flops: np.ndarray
+    outputs: np.ndarray
+    dp_size: int
+    batch: int
+    act_scale: float = 1.0
+
+    def calibrated(self, exact_peak: float) -> "LayerCosts":
+        """The same tables with activations scaled so that one stage holding every layer
+        with one microbatch peaks at `exact_peak` (the whole-step memory model's answer
+        for the same plan, checked against XLA): XLA's buffers beyond the saved
+        activations (loop-state copies, stacked gradients of a scan) scale with them."""
+        f, b, step, held, act, work = _tables(self, Setting(1, 1, "1f1b", 1, "none", 0))
+        base = float(act.sum() + work.max())
+        if base <= 0:
+            return self
+        scale = max(1.0, (exact_peak - float(held.sum())) / base)
+        return dataclasses.replace(self, act_scale=scale)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.forward)
+
+
+def _spread(layers: Layers, layer: int, amount: float, out: np.ndarray) -> None:
+    """Add `amount` to `layer`, or evenly to every block for a scanned body's SPREAD."""
+    if layer == SPREAD:
+        out[1:layers.num_blocks + 1] += amount / layers.num_blocks
+    else:
+        out[layer] += amount
+
+
+def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
+                in_place: frozenset[int] = frozenset()) -> LayerCosts:
+    """Cut one solved intra-op plan into per-layer tables (see `LayerCosts`).
+
+    in_place: state inputs whose updated value reuses their buffer (donated).
+    """
+    view, mesh_shape, comm = problem.view, problem.mesh_shape, problem.comm
+    n = layers.num_layers
+    z = lambda: np.zeros(n)
+    fwd, bwd, step, flops, sent, fflops = z(), z(), z(), z(), z(), z()
+    weights, opt, saved, inputs, working = z(), z(), z(), z(), z()
+    vdims, _ = batch_dims(view)
+    lay = dict(assignment.value_layout)
+    for op in view.ops:  # values inside a group (followers' results) too
+        outs = assignment.op_layouts.get(op.id, ((), ()))[1]
+        for v, l in zip(op.outputs, outs):
+            lay.setdefault(v, l)
+
+    def per_device(v) -> float:
+        return view.values[v].nbytes / shards(lay[v], mesh_shape) if v in lay else \
+            float(view.values[v].nbytes)
+
+    def where(op_id) -> tuple[str, int]:
+        return layers.op_pass.get(op_id, "step"), layers.op_layer.get(op_id, 0)
+
+    seen_reshard: set = set()
+    for g in problem.groups:
+        strat = problem.strategies[g.cls][choice[g.cls]]
+        phase, layer = where(g.leader.id)
+        if g.leader.kind == "input" and g.leader.prim == "input":
+            continue
+        own = 0.0
+        batchless = not any(vdims.get(v) for v in g.produced)
+        for x, mult in strat.comms:
+            t = mult * comm.time(x.kind, x.nbytes, x.axes)
+            own += t
+            _spread(layers, layer, mult * x.bytes_sent(mesh_shape), sent)
+            if phase != "step" and batchless:
+                # A weight gradient's sum over the data-parallel devices: once per step,
+                # on the gradients accumulated over all microbatches.
+                _spread(layers, layer, t, step)
+        body = strat.time - (own if phase != "step" and batchless else 0.0)
+        _spread(layers, layer, body, {"forward": fwd, "backward": bwd, "step": step}[phase])
+        _spread(layers, layer, strat.flops, flops)
+        if phase == "forward":
+            _spread(layers, layer, strat.flops, fflops)
+        for (mi, k, v, mult), want in zip(g.slots, strat.slots):
+            have = lay.get(v)
+            key = (v, want, g.members[mi].mult if k >= 0 else mult)
+            if have is None or have == want or key in seen_reshard:
+                continue
+            seen_reshard.add(key)
+            moves = reshard(view.values[v].nbytes, have, want, mesh_shape)
+            t = sum(mult * comm.time(c.kind, c.nbytes, c.axes) for c in moves)
+            _spread(layers, layer, sum(mult * c.bytes_sent(mesh_shape) for c in moves), sent)
+            _spread(layers, layer, t, {"forward": fwd, "backward": bwd, "step": step}[phase])
+
+    weights_dp, opt_dp, gather, outputs = z(), z(), z(), z()
+    role_of = {op.outputs[0]: op.role for op in view.ops if op.kind == "input" and op.outputs}
+    dp_set = set(dp_axes)
+    for v, held in layers.input_layers.items():
+        param = role_of.get(v) == "param"
+        b = per_device(v)
+        free = not (dp_set & {a for d in lay.get(v, ()) for a in d})
+        for l in held:
+            _spread(layers, l, b, weights if param else opt)
+            if v not in in_place:
+                _spread(layers, l, b, outputs)
+            if free:
+                _spread(layers, l, b, weights_dp if param else opt_dp)
+                if param and dp_axes:
+                    _spread(layers, l, comm.time("all-gather", b, tuple(dp_axes)), gather)
+
+    # Activations: stored forward values read by the backward pass, by producing layer;
+    # cut sizes from forward values read by later layers.
+    producer = {v: op for op in view.ops for v in op.outputs}
+    stored = set(live.temps)
+    backward_read: set[int] = set()
+    last_reader: dict[int, int] = {}
+    for op in view.ops:
+        phase, layer = where(op.id)
+        for v in op.inputs:
+            if phase == "backward":
+                backward_read.add(v)
+            elif phase == "forward" and layer != SPREAD:
+                last_reader[v] = max(last_reader.get(v, -1), layer)
+    cut = np.zeros(n)
+    carry_bytes = 0.0
+    for op in view.ops:
+        phase, layer = where(op.id)
+        if op.prim == "carry" and phase == "forward":
+            carry_bytes += sum(per_device(v) for v in op.outputs)
+        if phase != "forward" or op.kind == "input":
+            continue
+        for v in op.outputs:
+            b = per_device(v) * (op.mult if layer == SPREAD else 1)
+            if v in stored and v in backward_read:
+                _spread(layers, layer, b, saved)
+            _spread_max(layers, layer, per_device(v), working)
+            hi = last_reader.get(v, -1)
+            lo = layers.num_blocks if layer == SPREAD else layer
+            if hi > lo:
+                cut[lo:hi] += per_device(v)  # crosses every cut between them
+    if layers.scanned:
+        cut[1:layers.num_blocks] += carry_bytes  # the scan's carry between blocks
+    inputs[1:] = cut[:-1]
+    inputs[0] = 0.0
+    data = [op for op in view.ops if op.kind == "input" and op.role == "data"]
+    batch = view.values[data[0].outputs[0]].shape[0] if data and \
+        view.values[data[0].outputs[0]].shape else 1
+    dp_size = math.prod(mesh_shape[a] for a in dp_axes) if dp_axes else 1
+    return LayerCosts(fwd, bwd, step, weights, opt, saved, inputs, working, cut, flops,
+                      weights_dp, opt_dp, gather, sent, fflops, outputs, dp_size, int(batch))
+
+
+def _spread_max(layers: Layers, layer: int, amount: float, out: np.ndarray) -> None:
+    if layer == SPREAD:
+        sl = out[1:layers.num_blocks + 1]
+        np.maximum(sl, amount, out=sl)
+    else:
+        out[layer] = max(out[layer], amount)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineChoice:
+    """One pipelined plan: stages, schedule and memory choices, predicted cost."""
+
+    stages: tuple[tuple[int, int], ...]  # layer ranges [first, last); p * v if interleaved
+    microbatches: int
+    schedule: str
+    virtual_stages: int
+    remat: str
+    zero: int
+    step_time: float
+    bubble: float
+    p2p: float
+    step_work: float  # once-per-step seconds (the slowest stage's)
+    p2p_bytes: float  # bytes the busiest sender sends to its neighbours per step
+    stage_memory: tuple[float, ...]  # per device of each of the p stages
+    stage_time: tuple[float, ...]  # per stage, seconds per microbatch (forward + backward)
+
+    @property
+    def peak_memory(self) -> float:
+        return max(self.stage_memory)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """The pipeline knobs searched for one intra-op plan."""
+
+    p: int
+    m: int
+    schedule: str
+    v: int
+    remat: str
+    zero: int
+
+
+def _tables(c: LayerCosts, s: Setting):
+    """Per layer under `s`: per-microbatch (forward, backward) seconds, per-step seconds,
+    bytes held for the whole step, bytes saved per in-flight microbatch, working bytes."""
+    dp = c.dp_size
+    f = c.forward / s.m
+    b = c.backward / s.m
+    if s.remat == "full":
+        b = b + f  # the forward pass again, inside the backward
+    weights = c.weights - (c.weights_dp * (1 - 1 / dp) if s.zero >= 3 else 0.0)
+    opt = c.opt_state - (c.opt_state_dp * (1 - 1 / dp) if s.zero >= 1 else 0.0)
+    if s.zero >= 3 and dp > 1:
+        f = f + c.gather  # weights gathered before each microbatch's forward ...
+        b = b + c.gather  # ... and again before its backward
+    # Weights, their gradients (laid out alike), optimizer state, and new copies of the
+    # state the step does not update in place.
+    outputs = c.outputs * (weights + opt).sum() / max((c.weights + c.opt_state).sum(), 1.0)
+    held = 2 * weights + opt + outputs
+    act = c.act_scale * (c.inputs if s.remat == "full" else c.saved) / s.m
+    # An op's input and its output of the largest size are live together.
+    work = c.act_scale * (2 * c.working + (c.saved if s.remat == "full" else 0.0)) / s.m
+    return f, b, c.step, held, act, work
+
+
+def split(c: LayerCosts, s: Setting, limit: float):
+    """The memory-feasible split minimising the slowest piece; None if none fits.
+
+    Pieces: p stages, or p * v chunks for the interleaved schedule (chunk k on device
+    k mod p, each with 1/v of the device's memory: an approximation that is exact for
+    equal chunks).
+    """
+    f, b, _, held, act, work = _tables(c, s)
+    pieces = s.p * s.v
+    if c.num_layers < pieces:
+        return None
+    t = f + b
+    tm = np.concatenate([[0.0], np.cumsum(t)]).tolist()
+    hm = np.concatenate([[0.0], np.cumsum(held)])
+    am = np.concatenate([[0.0], np.cumsum(act)])
+    flight = in_flight(s.p, s.m, s.schedule, s.v)
+    # One working set per stage: bound it by the largest (a layer's ops run one at a time).
+    room = limit / s.v - (float(work.max()) if len(work) else 0.0)
+    mems = [(hm + flight[k % s.p] * am).tolist() for k in range(pieces)]
+
+    def greedy(bound):
+        return _greedy(tm, mems, pieces, bound, room)
+
+    lo = max(tm[-1] / pieces, float(t.max()))
+    hi = tm[-1]
+    best = greedy(hi)
+    if best is None:
+        return None
+    for _ in range(30):  # bisect the bound on the slowest piece
+        mid = (lo + hi) / 2
+        got = greedy(mid)
+        if got is None:
+            lo = mid
+        else:
+            hi, best = mid, got
+        if hi - lo <= 1e-6 * hi:
+            break
+    return best
+
+
+def _greedy(tm, mems, pieces, bound, room):
+    """Fill pieces left to right, each as long as time <= bound and memory <= room allow,
+    leaving a layer for each later piece; None if the last piece overflows."""
+    n = len(tm) - 1
+    out = []
+    first = 0
+    for k in range(pieces):
+        end = n - (pieces - k - 1)
+        if first >= end:
+            return None
+        mem = mems[k]
+        if k == pieces - 1:
+            last = n
+            if tm[n] - tm[first] > bound * (1 + 1e-9) or mem[n] - mem[first] > room:
+                return None
+        else:
+            last_t = bisect.bisect_right(tm, tm[first] + bound * (1 + 1e-9), first + 1,
+                                         end + 1) - 1
+            last_m = bisect.bisect_right(mem, mem[first] + room, first + 1, end + 1) - 1
+            last = min(last_t, last_m)
+            if last <= first:
+                return None
+        out.append((first, last))
+        first = last
+    return out
+
+
+def evaluate_split(c: LayerCosts, s: Setting, pieces, hop) -> PipelineChoice:
+    """Step time, bubble, p2p and per-device memory of one split under setting `s`.
+
+    pieces: p stages, or p * v chunks (chunk k on device k mod p) when interleaved.
+    hop(nbytes) -> seconds to send nbytes per device to the next stage.
+    """
+    f, b, step, held, act, work = _tables(c, s)
+    flight = in_flight(s.p, s.m, s.schedule, s.v)
+    fwd, bwd = [0.0] * s.p, [0.0] * s.p
+    hold, acts, works, once = [0.0] * s.p, [0.0] * s.p, [0.0] * s.p, [0.0] * s.p
+    sends, sent_bytes = [0.0] * s.p, [0.0] * s.p
+    for k, (first, last) in enumerate(pieces):
+        d = k % s.p
+        out = c.cut[last - 1] if last < c.num_layers else 0.0  # activations sent on
+        back = c.cut[first - 1] if first > 0 else 0.0  # their gradients sent back
+        send_f, send_b = hop(out / s.m), hop(back / s.m)
+        fwd[d] += float(f[first:last].sum()) + send_f
+        bwd[d] += float(b[first:last].sum()) + send_b
+        sends[d] += send_f + send_b
+        sent_bytes[d] += out + back
+        hold[d] += float(held[first:last].sum())
+        acts[d] += float(act[first:last].sum())
+        works[d] = max(works[d], float(work[first:last].max()))
+        once[d] += float(step[first:last].sum())
+    mem = tuple(hold[d] + flight[d] * acts[d] + works[d] for d in range(s.p))
+    pt = pipeline_time(fwd, bwd, s.m, s.schedule, s.v)
+    slow = max(range(s.p), key=lambda d: fwd[d] + bwd[d])
+    return PipelineChoice(tuple(pieces), s.m, s.schedule, s.v, s.remat, s.zero,
+                          pt.step_time + max(once), pt.bubble, sends[slow] * s.m, max(once),
+                          max(sent_bytes), mem, tuple(x + y for x, y in zip(fwd, bwd)))
+
+
+def microbatch_counts(per_replica: int, p: int, limit: int = 6) -> list[int]:
+    """Divisors of the per-replica batch to try: near p, 2p, 4p, ... and the largest."""
+    divs = [d for d in range(1, per_replica + 1) if per_replica % d == 0]
+    want = [p * 2 ** k for k in range(8)] + [per_replica, 1]
+    picked = sorted({min(divs, key=lambda d: (abs(math.log(d / w)), d)) for w in want})
+    return picked if len(picked) <= limit + 2 else picked[:limit] + picked[-2:]
+
+
+def best_pipeline(c: LayerCosts, p: int, limit: float, hop, *, schedules, remats, zeros,
+                  microbatches=None, virtual=(2,)) -> PipelineChoice | None:
+    """The fastest feasible (split, m, schedule, v, remat, zero) for p stages."""
+    per_replica = max(c.batch // max(c.dp_size, 1), 1)
+    ms = [microbatches] if microbatches else microbatch_counts(per_replica, p)
+    best = None
+    for m in ms:
+        if per_replica % m:
+            continue
+        for sched in schedules:
+            vs = virtual if sched == "interleaved" else (1,)
+            for v in vs:
+                if sched == "interleaved" and (m % p or v < 2 or c.num_layers < p * v):
+                    continue
+                for remat in remats:
+                    for zero in zeros:
+                        s = Setting(p, m, sched, v, remat, zero)
+                        stages = split(c, s, limit)
+                        if stages is None:
+                            continue
+                        got = evaluate_split(c, s, stages, hop)
+                        if best is None or got.step_time < best.step_time:
+                            best = got
+    return best

@@ -1,0 +1,344 @@
+"""Pipelined execution of a traced train step: stages on submeshes, microbatches in flight.
+
+A pipelined plan splits the step's layers (embedding, blocks, head: see
+`planner._layers`) into stages on disjoint submeshes. This executor runs the user's own
+step that way, with no change to the step:
+
+1. The step is traced again with the data's batch cut to one microbatch (B/m).
+2. Its ops are labelled as in planning: pass (forward, backward, once-per-step update) and
+   layer; a layer's stage comes from `plan.stages`. Each (pass, stage) becomes a program,
+   jitted on that stage's submesh, with the stage's parameters laid out as the plan says
+   (data and tensor parallelism inside the stage come from those layouts).
+3. The programs run in the order of the plan's schedule (`schedule_table`: GPipe, 1F1B or
+   interleaved 1F1B): a forward program of stage k for microbatch i after stage k-1's,
+   a backward after stage k+1's. Values crossing stages are sent to the receiving
+   submesh (`jax.device_put`), keeping their layout.
+4. What the backward pass hands to the optimizer (weight gradients: sums over the batch)
+   and the step's other results (the loss) are accumulated over the microbatches, each
+   weighted as it combines: a mean over the batch weighs each microbatch 1/m, a sum 1.
+   Which one it is, is measured once per value: the step is evaluated on one microbatch
+   and on that microbatch twice over (a mean stays, a sum doubles). The update programs
+   then run once, on the accumulated gradients.
+
+Results equal the unpipelined step up to the summation order of the gradients.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from meshplan.runtime._apply import Interpreter
+from meshplan.runtime._pipeline import _BACKWARD, _FORWARD, schedule_table
+
+__all__ = ["PipelinedStep"]
+
+
+@dataclasses.dataclass
+class _Program:
+    """Consecutive graph nodes of one (pass, virtual stage), jitted on its submesh."""
+
+    kind: str  # "forward", "backward", "step"
+    stage: int  # virtual stage
+    nodes: list
+    inputs: list[int] = dataclasses.field(default_factory=list)
+    outputs: list[int] = dataclasses.field(default_factory=list)
+    fn: Any = None
+
+
+class PipelinedStep:
+    """Callable(*flat dynamic leaves) -> flat outputs, for a plan with stages."""
+
+    def __init__(self, graph, labels, plan, out_values: tuple[int, ...], pairs,
+                 data_values: list[int], microbatches: int, devices=None):
+        self.graph, self.plan = graph, plan
+        self.m = microbatches
+        self.p = len(plan.stages) // plan.pipeline.virtual_stages
+        self.v = plan.pipeline.virtual_stages
+        devices = devices or jax.devices()
+        if len(devices) < len(plan.device_order):
+            raise ValueError(f"the plan needs {len(plan.device_order)} devices; "
+                             f"{len(devices)} are available.")
+        self.meshes = []
+        for st in plan.stages[:self.p]:
+            grid = np.array([devices[d] for d in st.device_ids], dtype=object)
+            self.meshes.append(Mesh(grid.reshape(st.mesh_shape), plan.axis_names,
+                                    axis_types=(jax.sharding.AxisType.Auto,) *
+                                    len(st.mesh_shape)))
+        self.out_values = out_values
+        self.data_values = set(data_values)
+        self.state_outputs = set(pairs.values())
+        self._programs(labels)
+        # Per accumulated value, its weight per microbatch: 1/m for a mean over the batch
+        # (the default), 1 for a sum; set from a measurement by the caller.
+        self.weights = {v: 1.0 / microbatches for v in self.accumulated}
+
+    # ------------------------------------------------------------------ building
+
+    def _stage_of_layer(self, layer: int) -> int:
+        for k, st in enumerate(self.plan.stages):
+            if st.layers[0] <= layer < st.layers[1]:
+                return k
+        raise ValueError(f"layer {layer} is in no stage of the plan {self.plan.stages}.")
+
+    def _stages(self, labels) -> dict[int, tuple[str, int]]:
+        """(pass, virtual stage) per node, consistent with the schedule's order.
+
+        Forward values flow to the same or later stages and backward values to the same or
+        earlier ones. The planner's labels put a few boundary ops (a norm's statistics
+        computed where JAX's transpose emits them) one stage off; such an op moves to the
+        stage that needs it.
+        """
+        g = self.graph
+        where: dict[int, tuple[str, int]] = {}
+        for node in g.nodes:
+            kind, layer = labels.get(node.id, ("forward", 0))
+            if layer < 0:
+                raise NotImplementedError(
+                    "pipelined execution splits unrolled layers; this step's layers are one "
+                    "scan, which the executor cannot split yet. Unroll the layers, or run "
+                    "the model through meshplan.runtime.pipeline_value_and_grad.")
+            where[node.id] = (kind, self._stage_of_layer(layer))
+        producer = {v: n for n in g.nodes for v in n.outputs}
+        for node in g.nodes:  # forward: never before a forward producer's stage
+            kind, k = where[node.id]
+            if kind == "forward":
+                for v in node.inputs:
+                    src = producer.get(v)
+                    if src is not None and where[src.id][0] == "forward":
+                        k = max(k, where[src.id][1])
+                where[node.id] = (kind, k)
+        consumers: dict[int, list] = {}
+        for n in g.nodes:
+            for v in n.inputs:
+                consumers.setdefault(v, []).append(n)
+        for node in reversed(g.nodes):  # backward: never before a backward reader's stage
+            kind, k = where[node.id]
+            if kind == "backward":
+                for v in node.outputs:
+                    for c in consumers.get(v, ()):
+                        if where[c.id][0] == "backward":
+                            k = max(k, where[c.id][1])
+                where[node.id] = (kind, k)
+        return where
+
+    def _step_programs(self, nodes, where) -> list[_Program]:
+        """The update's nodes as few programs as dependencies allow: one per stage and
+        level, a level further each time a value crosses stages (Adam's step count is
+        computed once and read by every stage's update)."""
+        level: dict[int, int] = {}
+        stage_of_value: dict[int, tuple[int, int]] = {}
+        groups: dict[tuple[int, int], list] = {}
+        for node in nodes:  # program order is a topological order
+            k = where[node.id][1]
+            lv = 0
+            for v in node.inputs:
+                if v in stage_of_value:
+                    src_stage, src_level = stage_of_value[v]
+                    lv = max(lv, src_level + (src_stage != k))
+            level[node.id] = lv
+            for v in node.outputs:
+                stage_of_value[v] = (k, lv)
+            groups.setdefault((lv, k), []).append(node)
+        return [_Program("step", k, groups[lv, k]) for lv, k in sorted(groups)]
+
+    def _programs(self, labels) -> None:
+        g = self.graph
+        progs: list[_Program] = []
+        where = self._stages(labels)
+        for node in g.nodes:
+            kind, k = where[node.id]
+            if progs and progs[-1].kind == kind and progs[-1].stage == k:
+                progs[-1].nodes.append(node)
+            else:
+                progs.append(_Program(kind, k, [node]))
+        # Each (pass, stage) must be one program per microbatch: merge a pass's runs of the
+        # same stage (the schedule runs a stage's forward as one unit).
+        merged: dict[tuple, _Program] = {}
+        order = []
+        for pr in progs:
+            if pr.kind == "step":
+                continue
+            key = (pr.kind, pr.stage)
+            if key in merged:
+                merged[key].nodes += pr.nodes
+            else:
+                merged[key] = pr
+                order.append(pr)
+        order += self._step_programs([n for pr in progs if pr.kind == "step" for n in pr.nodes],
+                                     where)
+        self.programs = order
+        produced_by: dict[int, _Program] = {}
+        for pr in order:
+            for node in pr.nodes:
+                for v in node.outputs:
+                    produced_by[v] = pr
+        readers: dict[int, set[int]] = {}
+        for i, pr in enumerate(order):
+            made = {v for node in pr.nodes for v in node.outputs}
+            seen: dict[int, None] = {}
+            for node in pr.nodes:
+                for v in node.inputs:
+                    if v not in made and not g.values[v].is_const:
+                        seen[v] = None
+            pr.inputs = list(seen)
+            for v in pr.inputs:
+                readers.setdefault(v, set()).add(i)
+        outs = set(self.out_values)
+        for i, pr in enumerate(order):
+            pr.outputs = [v for node in pr.nodes for v in node.outputs
+                          if v in outs or readers.get(v, set()) - {i}]
+        self.produced_by = produced_by
+        # Values handed from a per-microbatch pass to the update (or returned): those
+        # computed from the data are accumulated over the microbatches; the others (index
+        # arrays, masks) are the same for every microbatch and passed on once.
+        from_data = set(self.data_values)
+        for node in g.nodes:
+            if any(v in from_data for v in node.inputs):
+                from_data.update(node.outputs)
+        handed = {v for pr in order if pr.kind == "step" for v in pr.inputs
+                  if v in produced_by and produced_by[v].kind != "step"}
+        handed |= {v for v in self.out_values
+                   if v in produced_by and produced_by[v].kind != "step"}
+        self.accumulated = handed & from_data
+        self.passed = handed - from_data
+        self._axpy = jax.jit(lambda acc, xs, ws: [a + (w * x).astype(a.dtype)
+                                                    for a, x, w in zip(acc, xs, ws)])
+        interp = Interpreter(self.graph, dataclasses.replace(self.plan, value_layouts={},
+                                                              op_inputs={}), None)
+        for pr in order:
+            pr.fn = jax.jit(_program_fn(interp, pr))
+
+    # ------------------------------------------------------------------ running
+
+    def _mesh(self, stage: int) -> Mesh:
+        return self.meshes[stage % self.p]
+
+    def _to(self, x, stage: int, layout=None):
+        """x on the submesh of `stage`, keeping its layout (or taking `layout`)."""
+        mesh = self._mesh(stage)
+        if layout is not None:
+            spec = _spec(layout, self.plan.axis_names)
+        else:
+            sh = getattr(x, "sharding", None)
+            spec = sh.spec if isinstance(sh, NamedSharding) else P()
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    def _state(self, v: int, x, stage: int):
+        key = (v, stage % self.p)
+        if key not in self._placed:
+            self._placed[key] = self._to(x, stage, self.layouts.get(v))
+        return self._placed[key]
+
+    def _run(self, pr: _Program, env: dict, stage_inputs: dict) -> None:
+        args = []
+        for v in pr.inputs:
+            if v in env:
+                x = env[v]
+                if not _on(x, self._mesh(pr.stage)):
+                    # Data takes its planned layout (batch over dp); stage outputs keep
+                    # theirs on the next submesh.
+                    x = self._to(x, pr.stage, self.layouts.get(v) if v in self.data_values
+                                 else None)
+                args.append(x)
+            elif v in stage_inputs:
+                args.append(self._state(v, stage_inputs[v], pr.stage))
+            else:
+                raise RuntimeError(
+                    f"program {pr.kind} of stage {pr.stage} reads value {v} before it exists: "
+                    "the step's layers do not run in pipeline order.")
+        for v, x in zip(pr.outputs, pr.fn(*args)):
+            env[v] = x
+
+    def __call__(self, flat_inputs: dict[int, Any], data: dict[int, Any], layouts):
+        """Run one step. flat_inputs: graph input value -> array (state); data: graph input
+        value -> the whole batch (split here into microbatches)."""
+        self.layouts = layouts
+        self._placed: dict = {}
+        m = self.m
+        envs = [dict() for _ in range(m)]
+        for v, x in data.items():
+            b = x.shape[0] // m
+            for i in range(m):
+                envs[i][v] = x[i * b:(i + 1) * b]
+        per_micro = [p for p in self.programs if p.kind != "step"]
+        by_key = {(p.kind, p.stage): p for p in per_micro}
+        acc: dict[int, Any] = {}
+        table = schedule_table(self.p, m, self.plan.pipeline.schedule, self.v)
+        for row in table:
+            for s, (kind, i, c) in enumerate(row.tolist()):
+                if kind not in (_FORWARD, _BACKWARD):
+                    continue
+                k = c * self.p + s
+                pr = by_key.get(("forward" if kind == _FORWARD else "backward", k))
+                if pr is not None:
+                    self._run(pr, envs[i], flat_inputs)
+                # Every pass of microbatch i is done after stage 0's backward: keep what
+                # the update reads, drop the rest (1F1B's memory saving).
+                if kind == _BACKWARD and k == 0:
+                    self._accumulate(acc, envs[i])
+                    envs[i] = {}
+        env = dict(acc)
+        for pr in self.programs:
+            if pr.kind == "step":
+                self._run(pr, env, flat_inputs)
+        return [env[v] if v in env else flat_inputs[v] for v in self.out_values]
+
+    def _accumulate(self, acc: dict, env: dict) -> None:
+        for v in self.passed:
+            if v in env:
+                acc[v] = env[v]
+        # One fused update per device set: acc += weight * x (dispatching op by op cost
+        # more than the whole pipeline on small models).
+        by_place: dict = {}
+        for v in sorted(self.accumulated):
+            if v in env:
+                by_place.setdefault(_place(env[v]), []).append(v)
+        for vs in by_place.values():
+            xs = [env[v] for v in vs]
+            ws = [self.weights[v] for v in vs]
+            olds = [acc[v] if v in acc else
+                    jax.device_put(np.zeros(x.shape, x.dtype), x.sharding)  # no compile
+                    for v, x in zip(vs, xs)]
+            acc.update(zip(vs, self._axpy(olds, xs, ws)))
+
+
+def _program_fn(interp: Interpreter, pr: _Program):
+    def fn(*args):
+        env = dict(zip(pr.inputs, args))
+        g = interp.graph
+
+        def read(v):
+            val = g.values[v]
+            if val.is_const:
+                return val.const if hasattr(val.const, "aval") else np.asarray(val.const,
+                                                                               val.dtype)
+            return env[v]
+
+        for node in pr.nodes:
+            outs = interp._eval(node, [read(v) for v in node.inputs])
+            env.update(zip(node.outputs, outs))
+        return tuple(env[v] for v in pr.outputs)
+    return fn
+
+
+def _on(x, mesh: Mesh) -> bool:
+    sh = getattr(x, "sharding", None)
+    return isinstance(sh, NamedSharding) and sh.mesh == mesh
+
+
+def _place(x):
+    """The device set an array lives on (arrays of one program's outputs share it)."""
+    sh = getattr(x, "sharding", None)
+    return sh.mesh if isinstance(sh, NamedSharding) else frozenset(getattr(sh, "device_set",
+                                                                          ()))
+
+
+def _spec(layout, axis_names):
+    from meshplan.planner import spec_of
+    return spec_of(layout, axis_names)

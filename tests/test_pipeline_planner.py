@@ -1,0 +1,191 @@
+"""Pipeline planning: layers found in traced steps, stage splits, schedules, memory choices."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+import meshplan as mp
+from meshplan.examples import make
+from meshplan.planner._layers import SPREAD, find_layers
+from meshplan.planner._ops import build_view
+from meshplan.planner._pipe import LayerCosts, Setting, evaluate_split, split
+
+
+def _view(name, **kw):
+    ex = make(name, abstract=True, **kw) if name != "mlp" else make(name)
+    step = mp.auto_parallel(ex.train_step, cluster=mp.clusters.dgx_a100(nodes=1))
+    t = step.trace(*ex.args)
+    return ex, step, build_view(t.graph, t.pairs), t.pairs
+
+
+def _flops_by_layer(view, layers):
+    out = {}
+    for op in view.ops:
+        if op.id in layers.op_layer:
+            key = (layers.op_pass[op.id], layers.op_layer[op.id])
+            out[key] = out.get(key, 0.0) + op.flops * op.mult
+    return out
+
+
+def test_layers_of_an_unrolled_gpt_are_its_blocks_with_embedding_and_head_around():
+    _, _, view, pairs = _view("gpt", layers=4)
+    layers = find_layers(view, pairs)
+    assert layers.num_blocks == 4 and not layers.scanned and layers.num_layers == 6
+    fl = _flops_by_layer(view, layers)
+    fwd = [fl[("forward", b)] for b in range(1, 5)]
+    bwd = [fl[("backward", b)] for b in range(1, 5)]
+    # Every block does the same work; its backward pass is about twice its forward.
+    assert max(fwd) / min(fwd) < 1.01 and max(bwd) / min(bwd) < 1.01
+    assert 1.9 < bwd[0] / fwd[0] < 2.1
+    # The head (a vocab-sized matmul) is the output layer, not part of the last block.
+    assert fl[("forward", 5)] > 0.1 * fwd[0]
+    assert 1.9 < fl[("backward", 5)] / fl[("forward", 5)] < 2.1
+    # The tied embedding is held by the first and the last layer.
+    held = {v: l for v, l in layers.input_layers.items() if len(l) > 1}
+    assert set(held.values()) == {(0, 5)}
+
+
+def test_a_scanned_gpt_has_the_same_layers_as_the_unrolled_one():
+    _, _, view_u, pairs_u = _view("gpt", layers=4)
+    _, _, view_s, pairs_s = _view("gpt_scan", layers=4)
+    lu, ls = find_layers(view_u, pairs_u), find_layers(view_s, pairs_s)
+    assert ls.scanned and ls.num_blocks == 4
+    fu, fs = _flops_by_layer(view_u, lu), _flops_by_layer(view_s, ls)
+    for phase in ("forward", "backward"):
+        blocks_u = sum(fu[(phase, b)] for b in range(1, 5))
+        assert fs[(phase, SPREAD)] == pytest.approx(blocks_u, rel=0.01)
+        # Embedding and head: the same, up to the few element-wise ops at the block
+        # boundary (under 1 % of a block).
+        for edge in (0, 5):
+            assert fs.get((phase, edge), 0.0) == pytest.approx(
+                fu.get((phase, edge), 0.0), abs=0.01 * blocks_u / 4)
+
+
+def test_a_model_without_repeated_layers_cannot_be_pipelined_and_says_so():
+    ex, step, view, pairs = _view("mlp")
+    assert find_layers(view, pairs) is None
+    with pytest.raises(ValueError, match="repeated layers"):
+        step.plan(*ex.args, constraints=mp.Constraints(pp=2), compare_baselines=False)
+
+
+def _uniform(n_blocks=8, fwd=1.0, saved=10.0, held=5.0):
+    n = n_blocks + 2
+    z = np.zeros(n)
+    f = np.full(n, fwd)
+    return LayerCosts(forward=f, backward=2 * f, step=z.copy(), weights=np.full(n, held / 2),
+                      opt_state=z.copy(), saved=np.full(n, saved), inputs=np.full(n, 1.0),
+                      working=z.copy(), cut=np.zeros(n), flops=z.copy(),
+                      weights_dp=z.copy(), opt_state_dp=z.copy(), gather=z.copy(),
+                      sent=z.copy(), forward_flops=z.copy(), outputs=z.copy(), dp_size=1,
+                      batch=64)
+
+
+@pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)])
+def test_the_planner_prices_the_published_bubble(schedule, v):
+    """Equal stages: bubble = (p-1)/m of the ideal time, (p-1)/(v m) interleaved."""
+    c = _uniform(n_blocks=14)  # 16 layers of equal work
+    p, m = 4, 8
+    s = Setting(p, m, schedule, v, "none", 0)
+    pieces = split(c, s, limit=math.inf)
+    got = evaluate_split(c, s, pieces, hop=lambda b: 0.0)
+    ideal = got.step_time - got.bubble
+    assert got.bubble / ideal == pytest.approx((p - 1) / (v * m), rel=1e-9)
+
+
+def test_1f1b_holds_at_most_p_microbatches_and_gpipe_all_of_them():
+    c = _uniform(n_blocks=6)
+    p, m = 4, 16
+    mem = {}
+    for sched in ("gpipe", "1f1b"):
+        s = Setting(p, m, sched, 1, "none", 0)
+        pieces = [(0, 2), (2, 4), (4, 6), (6, 8)]
+        mem[sched] = evaluate_split(c, s, pieces, hop=lambda b: 0.0).stage_memory
+    per_mb = 2 * 10.0 / m  # two layers per stage, 10 bytes saved each per whole batch
+    held = 2 * 5.0  # two layers' weights, gradients and optimizer state
+    for i in range(p):
+        assert mem["gpipe"][i] == pytest.approx(held + m * per_mb)
+        assert mem["1f1b"][i] == pytest.approx(held + min(p - i, m) * per_mb)
+
+
+def test_full_recomputation_trades_memory_for_a_second_forward_pass():
+    c = _uniform(n_blocks=6)
+    pieces = [(0, 4), (4, 8)]
+    plain = evaluate_split(c, Setting(2, 4, "1f1b", 1, "none", 0), pieces, lambda b: 0.0)
+    remat = evaluate_split(c, Setting(2, 4, "1f1b", 1, "full", 0), pieces, lambda b: 0.0)
+    assert max(remat.stage_memory) < max(plain.stage_memory)
+    # Forward 1 + backward 2 per layer becomes 1 + 3: 4/3 the time.
+    assert remat.step_time == pytest.approx(plain.step_time * 4 / 3)
+
+
+def test_stage_split_equals_brute_force_under_memory_limits():
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        n_blocks = int(rng.integers(3, 7))
+        c = _uniform(n_blocks)
+        n = c.num_layers
+        t = rng.uniform(0.5, 3.0, n)
+        held = rng.uniform(1.0, 10.0, n)
+        c = LayerCosts(**{**c.__dict__, "forward": t, "backward": 2 * t, "weights": held / 2})
+        p = int(rng.integers(2, 4))
+        s = Setting(p, 4, "1f1b", 1, "none", 0)
+        limit = float(rng.uniform(15, 60))
+
+        def feasible(pieces):
+            got = evaluate_split(c, s, pieces, lambda b: 0.0)
+            return got if max(got.stage_memory) <= limit * (1 + 1e-9) else None
+
+        best = None
+        for cuts in itertools.combinations(range(1, n), p - 1):
+            bounds = (0,) + cuts + (n,)
+            got = feasible(list(zip(bounds, bounds[1:])))
+            if got is not None and (best is None or max(got.stage_time) < best - 1e-12):
+                best = max(got.stage_time)
+        pieces = split(c, s, limit)
+        if best is None:
+            assert pieces is None, trial
+        else:
+            got = feasible(pieces)
+            assert got is not None and max(got.stage_time) == pytest.approx(best), trial
+
+
+@pytest.fixture(scope="module")
+def gpt4():
+    return make("gpt", layers=4, abstract=True)
+
+
+def test_a_pinned_pipeline_is_planned_with_stages_schedule_and_bubble(gpt4):
+    step = mp.auto_parallel(gpt4.train_step, cluster=mp.clusters.dgx_a100(nodes=1))
+    c = mp.Constraints(pp=2, num_microbatches=4, schedule="gpipe")
+    plan = step.plan(*gpt4.args, constraints=c, compare_baselines=False)
+    assert len(plan.stages) == 2 and plan.pipeline.microbatches == 4
+    assert plan.pipeline.schedule == "gpipe"
+    # Contiguous layer ranges covering pre, the 4 blocks and post; disjoint device sets.
+    assert plan.stages[0].layers[0] == 0 and plan.stages[-1].layers[1] == 6
+    assert plan.stages[0].layers[1] == plan.stages[1].layers[0]
+    ids = [set(s.device_ids) for s in plan.stages]
+    assert not ids[0] & ids[1] and ids[0] | ids[1] == set(range(8))
+    parts = dict(plan.cost.breakdown)
+    assert parts["bubble"] > 0 and parts["p2p"] > 0
+    assert plan.device_ids.shape == (2,) + tuple(plan.mesh_shape)
+    assert "2 stages, 4 microbatches, schedule gpipe" in plan.summary()
+    back = mp.Plan.from_json(plan.to_json())
+    assert back.stages == plan.stages and back.pipeline == plan.pipeline
+
+
+def test_pipeline_constraints_are_checked_with_remedies():
+    with pytest.raises(ValueError, match="choose one of"):
+        mp.Constraints(pp=2, schedule="zigzag")
+    with pytest.raises(ValueError, match="'none' or 'full'"):
+        mp.Constraints(remat="some")
+    with pytest.raises(ValueError, match="interleaved"):
+        mp.Constraints(pp=2, schedule="1f1b", virtual_stages=2)
+    with pytest.raises(ValueError, match="pp=1"):
+        mp.Constraints(pp=1, num_microbatches=4)
+
+
+def test_when_nothing_fits_the_error_names_the_smallest_memory_that_would(gpt4):
+    step = mp.auto_parallel(gpt4.train_step, cluster=mp.clusters.dgx_a100(nodes=1),
+                            memory_limit=1e5)
+    with pytest.raises(MemoryError, match=r"smallest found needs [0-9.]+ (GiB|MiB)"):
+        step.plan(*gpt4.args, compare_baselines=False)

@@ -1,0 +1,88 @@
+"""Pipelined plans run for real on CPU devices and equal the unpipelined step."""
+import jax
+import numpy as np
+import pytest
+
+import meshplan as mp
+from meshplan.examples import make
+
+
+def _rel(a, b) -> float:
+    """Relative error of two pytrees, as vectors: ||a - b|| / ||b||."""
+    a = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(a)])
+    b = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(b)])
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def gpts():
+    """Unrolled GPTs with 4 and 6 blocks (6 and 8 pipeline layers), their reference
+    (unpipelined, single program) results, and one meshplan step each (its traces shared
+    by the plans below)."""
+    out = {}
+    for blocks in (4, 6):
+        ex = make("gpt", layers=blocks)
+        out[blocks] = (ex, jax.jit(ex.train_step)(*ex.args),
+                       mp.auto_parallel(ex.train_step, time_limit=3))
+    return out
+
+
+CASES = [  # (blocks, devices, pp, schedule, tp, dp); 4 microbatches of 2 samples
+    (4, 8, 2, "gpipe", None, 2),  # data parallel inside each stage
+    (4, 8, 2, "1f1b", 2, 2),  # tensor and data parallel inside each stage
+    (4, 8, 2, "interleaved", 4, None),  # tensor parallel inside each stage
+    (6, 8, 4, "1f1b", 2, None),
+    (6, 4, 4, "interleaved", 1, 1),  # one device per stage: pipeline parallelism alone
+    (4, 4, 4, "gpipe", 1, 1),
+]
+
+
+@pytest.mark.parametrize("blocks,devices,pp,schedule,tp,dp", CASES)
+def test_pipelined_step_equals_unpipelined(gpts, blocks, devices, pp, schedule, tp, dp):
+    ex, ref, step = gpts[blocks]
+    cluster = mp.Cluster.local().subset(list(range(devices)))
+    c = mp.Constraints(pp=pp, num_microbatches=4, schedule=schedule, tp=tp, dp=dp,
+                       virtual_stages=2 if schedule == "interleaved" else None)
+    plan = step.plan(*ex.args, constraints=c, cluster=cluster, compare_baselines=False)
+    assert len(plan.stages) == pp * (2 if schedule == "interleaved" else 1)
+    out = step._jitted(ex.args, plan)(*ex.args)
+    assert jax.tree.structure(out) == jax.tree.structure(ref)
+    # Loss, parameters and optimizer state each as a whole (see test_runtime).
+    errors = [_rel(a, b) for a, b in zip(out, ref)]
+    assert max(errors) < 1e-5, errors
+    # Each stage's parameters live on that stage's devices only (block 0 is layer 1).
+    home = next(s for s in plan.stages if s.layers[0] <= 1 < s.layers[1])
+    leaf = out[0]["blocks"][0]["fc1"]["kernel"]
+    assert {d.id for d in leaf.sharding.device_set} <= set(home.device_ids)
+
+
+def test_a_summed_loss_combines_microbatches_by_summing():
+    """The executor measures whether the loss averages or sums over the batch."""
+    ex = make("gpt", layers=4)
+
+    def summed(params, opt_state, batch):
+        p, o, loss = ex.train_step(params, opt_state, batch)
+        return p, o, loss * batch["tokens"].shape[0]  # a sum over the batch of the mean
+
+    ref = jax.jit(summed)(*ex.args)
+    step = mp.auto_parallel(summed)
+    plan = step.plan(*ex.args, constraints=mp.Constraints(pp=2, num_microbatches=2),
+                     compare_baselines=False)
+    out = step._jitted(ex.args, plan)(*ex.args)
+    assert _rel(out[2], ref[2]) < 1e-5
+
+
+def test_microbatches_that_do_not_divide_the_batch_are_refused_with_the_reason():
+    ex = make("gpt", layers=4)  # batch 8
+    step = mp.auto_parallel(ex.train_step)
+    with pytest.raises(ValueError, match="does not divide the 2 samples each of dp=4"):
+        step.plan(*ex.args, constraints=mp.Constraints(pp=2, dp=4, num_microbatches=4),
+                  compare_baselines=False)
+
+
+def test_a_pipelined_plan_cannot_be_compiled_as_one_program():
+    ex = make("gpt", layers=4)
+    step = mp.auto_parallel(ex.train_step)
+    plan = step.plan(*ex.args, constraints=mp.Constraints(pp=2), compare_baselines=False)
+    with pytest.raises(ValueError, match="one program per stage"):
+        step.compile(*ex.args, plan=plan)
