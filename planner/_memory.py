@@ -301,8 +301,10 @@ def _list_schedule(unit_reads: list[list[int]], unit_defs: list[list[int]],
     return order
 
 
-def liveness(view: PlanningView) -> Liveness:
-    """Stored values and their live phases on the modelled schedule (plan-independent)."""
+def _basics(view: PlanningView):
+    """(arguments, result pins, consumers, results, stored values), memoised on the view."""
+    if "basics" in view.memo:
+        return view.memo["basics"]
     ops, values = view.ops, view.values
     args: list[int] = []
     pins: dict[int, int] = {}
@@ -319,6 +321,26 @@ def liveness(view: PlanningView) -> Liveness:
     out_set = set(outputs)
     stored = _stored_values(view, consumers, out_set, arg_set)
     stored |= out_set - arg_set
+    view.memo["basics"] = (args, pins, consumers, outputs, stored)
+    return view.memo["basics"]
+
+
+def materialised(view: PlanningView) -> frozenset[int]:
+    """Values that live in device memory: arguments and stored results. The others are
+    computed inside a fusion and never read from or written to memory."""
+    if "materialised" not in view.memo:
+        args, _, _, _, stored = _basics(view)
+        view.memo["materialised"] = frozenset(stored) | frozenset(args)
+    return view.memo["materialised"]
+
+
+def liveness(view: PlanningView) -> Liveness:
+    """Stored values and their live phases on the modelled schedule (plan-independent)."""
+    ops, values = view.ops, view.values
+    args, pins, consumers, outputs, stored = _basics(view)
+    arg_set = set(args)
+    out_set = set(outputs)
+    stored = set(stored)
 
     # Which stored values (or arguments) each op reads once fusion is applied.
     src: dict[int, tuple[int, ...]] = {v: (v,) for v in args}

@@ -66,6 +66,8 @@ class PlanningView:
     ops: list[POp]
     values: dict
     outputs: tuple[int, ...]
+    # Plan-independent facts derived from the ops, computed once (see batch_dims).
+    memo: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def producer(self) -> dict[int, POp]:
         return {v: op for op in self.ops for v in op.outputs}
@@ -188,6 +190,25 @@ def batch_dims(view: PlanningView) -> tuple[dict[int, frozenset[int]], dict[int,
     parallelism means its axis splits none of these (it would otherwise be data parallelism
     under another name).
     """
+    if "batch_dims" not in view.memo:  # asked once per candidate mesh; the same each time
+        view.memo["batch_dims"] = _batch_dims(view)
+    return view.memo["batch_dims"]
+
+
+def batch_free(view: PlanningView, v: int) -> bool:
+    """Whether value `v` keeps its size when the batch shrinks: no batch dim by data flow,
+    and no leading dim of the batch's size (a mask broadcast to the batch has one)."""
+    if batch_dims(view)[0].get(v):
+        return False
+    if "batch" not in view.memo:
+        data = [op for op in view.ops if op.kind == "input" and op.role == "data"]
+        shapes = [view.values[op.outputs[0]].shape for op in data]
+        view.memo["batch"] = next((s[0] for s in shapes if s), None)
+    shape = view.values[v].shape
+    return not (shape and view.memo["batch"] is not None and shape[0] == view.memo["batch"])
+
+
+def _batch_dims(view: PlanningView):
     vdims: dict[int, frozenset[int]] = {}
     loops: dict[int, frozenset[int]] = {}
     for op in view.ops:

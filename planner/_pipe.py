@@ -37,7 +37,7 @@ import numpy as np
 from meshplan.costmodel import Cluster, in_flight, pipeline_time
 from meshplan.planner._layers import SPREAD, Layers
 from meshplan.planner._layout import reshard, shards
-from meshplan.planner._ops import batch_dims
+from meshplan.planner._ops import batch_dims, batch_free
 
 __all__ = ["LayerCosts", "PipelineChoice", "layer_costs", "best_pipeline"]
 
@@ -48,6 +48,8 @@ class LayerCosts:
 
     Attributes (arrays of num_layers):
       forward, backward: seconds of per-microbatch work, summed over all microbatches.
+      forward_fixed, backward_fixed: seconds each microbatch pays whatever its size: moving
+        weights (batch-free values) between layouts, e.g. gathering sharded weights.
       step: seconds of once-per-step work (optimizer update, gradient collectives).
       weights, opt_state: bytes of the layer's parameters and optimizer state.
       saved: bytes of forward activations the backward pass reads (whole batch).
@@ -87,6 +89,8 @@ class LayerCosts:
     outputs: np.ndarray
     dp_size: int
     batch: int
+    forward_fixed: np.ndarray | None = None
+    backward_fixed: np.ndarray | None = None
     act_scale: float = 1.0
 
     def calibrated(self, exact_peak: float) -> "LayerCosts":
@@ -124,16 +128,23 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
     n = layers.num_layers
     z = lambda: np.zeros(n)
     fwd, bwd, step, flops, sent, fflops = z(), z(), z(), z(), z(), z()
+    fwd_fixed, bwd_fixed = z(), z()
     weights, opt, saved, inputs, working = z(), z(), z(), z(), z()
     vdims, _ = batch_dims(view)
-    lay = dict(assignment.value_layout)
-    for op in view.ops:  # values inside a group (followers' results) too
-        outs = assignment.op_layouts.get(op.id, ((), ()))[1]
-        for v, l in zip(op.outputs, outs):
-            lay.setdefault(v, l)
+    index = _activation_index(view, layers, live)
+    value_layout, op_layouts = assignment.value_layout, assignment.op_layouts
+
+    def layout(v):
+        if v in value_layout:
+            return value_layout[v]
+        made = index.made_by.get(v)  # a value inside a group (a follower's result)
+        if made is not None and made[0] in op_layouts:
+            return op_layouts[made[0]][1][made[1]]
+        return None
 
     def per_device(v) -> float:
-        return view.values[v].nbytes / shards(lay[v], mesh_shape) if v in lay else \
+        lay_v = layout(v)
+        return view.values[v].nbytes / shards(lay_v, mesh_shape) if lay_v is not None else \
             float(view.values[v].nbytes)
 
     def where(op_id) -> tuple[str, int]:
@@ -161,7 +172,7 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
         if phase == "forward":
             _spread(layers, layer, strat.flops, fflops)
         for (mi, k, v, mult), want in zip(g.slots, strat.slots):
-            have = lay.get(v)
+            have = value_layout.get(v)
             key = (v, want, g.members[mi].mult if k >= 0 else mult)
             if have is None or have == want or key in seen_reshard:
                 continue
@@ -169,7 +180,12 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
             moves = reshard(view.values[v].nbytes, have, want, mesh_shape)
             t = sum(mult * comm.time(c.kind, c.nbytes, c.axes) for c in moves)
             _spread(layers, layer, sum(mult * c.bytes_sent(mesh_shape) for c in moves), sent)
-            _spread(layers, layer, t, {"forward": fwd, "backward": bwd, "step": step}[phase])
+            if phase != "step" and batch_free(view, v):
+                # A weight moved for this pass: every microbatch moves it again.
+                _spread(layers, layer, t, fwd_fixed if phase == "forward" else bwd_fixed)
+            else:
+                _spread(layers, layer, t, {"forward": fwd, "backward": bwd,
+                                           "step": step}[phase])
 
     weights_dp, opt_dp, gather, outputs = z(), z(), z(), z()
     role_of = {op.outputs[0]: op.role for op in view.ops if op.kind == "input" and op.outputs}
@@ -177,7 +193,7 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
     for v, held in layers.input_layers.items():
         param = role_of.get(v) == "param"
         b = per_device(v)
-        free = not (dp_set & {a for d in lay.get(v, ()) for a in d})
+        free = not (dp_set & {a for d in (layout(v) or ()) for a in d})
         for l in held:
             _spread(layers, l, b, weights if param else opt)
             if v not in in_place:
@@ -189,7 +205,44 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
 
     # Activations: stored forward values read by the backward pass, by producing layer;
     # cut sizes from forward values read by later layers.
-    producer = {v: op for op in view.ops for v in op.outputs}
+    for v, layer, mult in index.saved:
+        _spread(layers, layer, per_device(v) * mult, saved)
+    cut = np.zeros(n)
+    for v, layer, lo, hi in index.forward:
+        b = per_device(v)
+        _spread_max(layers, layer, b, working)
+        if hi > lo:
+            cut[lo:hi] += b  # crosses every cut between them
+    carry_bytes = sum(per_device(v) for v in index.carries)
+    if layers.scanned:
+        cut[1:layers.num_blocks] += carry_bytes  # the scan's carry between blocks
+    inputs[1:] = cut[:-1]
+    inputs[0] = 0.0
+    data = [op for op in view.ops if op.kind == "input" and op.role == "data"]
+    batch = view.values[data[0].outputs[0]].shape[0] if data and \
+        view.values[data[0].outputs[0]].shape else 1
+    dp_size = math.prod(mesh_shape[a] for a in dp_axes) if dp_axes else 1
+    return LayerCosts(fwd, bwd, step, weights, opt, saved, inputs, working, cut, flops,
+                      weights_dp, opt_dp, gather, sent, fflops, outputs, dp_size, int(batch),
+                      fwd_fixed, bwd_fixed)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ActivationIndex:
+    """Plan-independent facts of the forward pass, gathered once per step."""
+
+    made_by: dict[int, tuple[int, int]]  # value -> (op id, output position)
+    saved: list[tuple[int, int, int]]  # (value, layer, copies) read by the backward pass
+    forward: list[tuple[int, int, int, int]]  # (value, layer, its layer, last reader layer)
+    carries: list[int]  # a scan's forward carries (the activations between its blocks)
+
+
+def _activation_index(view, layers: Layers, live) -> _ActivationIndex:
+    key = ("activations", id(layers))
+    if key in view.memo:
+        return view.memo[key]
+    where = lambda op_id: (layers.op_pass.get(op_id, "step"), layers.op_layer.get(op_id, 0))
+    made_by = {v: (op.id, k) for op in view.ops for k, v in enumerate(op.outputs)}
     stored = set(live.temps)
     backward_read: set[int] = set()
     last_reader: dict[int, int] = {}
@@ -200,33 +253,21 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
                 backward_read.add(v)
             elif phase == "forward" and layer != SPREAD:
                 last_reader[v] = max(last_reader.get(v, -1), layer)
-    cut = np.zeros(n)
-    carry_bytes = 0.0
+    saved, forward, carries = [], [], []
     for op in view.ops:
         phase, layer = where(op.id)
         if op.prim == "carry" and phase == "forward":
-            carry_bytes += sum(per_device(v) for v in op.outputs)
+            carries += op.outputs
         if phase != "forward" or op.kind == "input":
             continue
         for v in op.outputs:
-            b = per_device(v) * (op.mult if layer == SPREAD else 1)
             if v in stored and v in backward_read:
-                _spread(layers, layer, b, saved)
-            _spread_max(layers, layer, per_device(v), working)
-            hi = last_reader.get(v, -1)
+                saved.append((v, layer, op.mult if layer == SPREAD else 1))
             lo = layers.num_blocks if layer == SPREAD else layer
-            if hi > lo:
-                cut[lo:hi] += per_device(v)  # crosses every cut between them
-    if layers.scanned:
-        cut[1:layers.num_blocks] += carry_bytes  # the scan's carry between blocks
-    inputs[1:] = cut[:-1]
-    inputs[0] = 0.0
-    data = [op for op in view.ops if op.kind == "input" and op.role == "data"]
-    batch = view.values[data[0].outputs[0]].shape[0] if data and \
-        view.values[data[0].outputs[0]].shape else 1
-    dp_size = math.prod(mesh_shape[a] for a in dp_axes) if dp_axes else 1
-    return LayerCosts(fwd, bwd, step, weights, opt, saved, inputs, working, cut, flops,
-                      weights_dp, opt_dp, gather, sent, fflops, outputs, dp_size, int(batch))
+            forward.append((v, layer, lo, last_reader.get(v, -1)))
+    out = _ActivationIndex(made_by, saved, forward, carries)
+    view.memo[key] = out
+    return out
 
 
 def _spread_max(layers: Layers, layer: int, amount: float, out: np.ndarray) -> None:
@@ -276,8 +317,8 @@ def _tables(c: LayerCosts, s: Setting):
     """Per layer under `s`: per-microbatch (forward, backward) seconds, per-step seconds,
     bytes held for the whole step, bytes saved per in-flight microbatch, working bytes."""
     dp = c.dp_size
-    f = c.forward / s.m
-    b = c.backward / s.m
+    f = c.forward / s.m + (c.forward_fixed if c.forward_fixed is not None else 0.0)
+    b = c.backward / s.m + (c.backward_fixed if c.backward_fixed is not None else 0.0)
     if s.remat == "full":
         b = b + f  # the forward pass again, inside the backward
     weights = c.weights - (c.weights_dp * (1 - 1 / dp) if s.zero >= 3 else 0.0)
@@ -299,8 +340,8 @@ def split(c: LayerCosts, s: Setting, limit: float):
     """The memory-feasible split minimising the slowest piece; None if none fits.
 
     Pieces: p stages, or p * v chunks for the interleaved schedule (chunk k on device
-    k mod p, each with 1/v of the device's memory: an approximation that is exact for
-    equal chunks).
+    k mod p); interleaved chunks are balanced by time, then each device's memory (the sum
+    of its chunks) is checked.
     """
     f, b, _, held, act, work = _tables(c, s)
     pieces = s.p * s.v
@@ -312,7 +353,11 @@ def split(c: LayerCosts, s: Setting, limit: float):
     am = np.concatenate([[0.0], np.cumsum(act)])
     flight = in_flight(s.p, s.m, s.schedule, s.v)
     # One working set per stage: bound it by the largest (a layer's ops run one at a time).
-    room = limit / s.v - (float(work.max()) if len(work) else 0.0)
+    room = limit - (float(work.max()) if len(work) else 0.0)
+    if s.v > 1:
+        # A device holds v chunks from all over the model: the greedy fill balances time
+        # only, and each device's total is checked below.
+        room = math.inf
     mems = [(hm + flight[k % s.p] * am).tolist() for k in range(pieces)]
 
     def greedy(bound):
@@ -332,6 +377,12 @@ def split(c: LayerCosts, s: Setting, limit: float):
             hi, best = mid, got
         if hi - lo <= 1e-6 * hi:
             break
+    if s.v > 1 and best is not None:
+        held_dev = [0.0] * s.p
+        for k, (a, b) in enumerate(best):
+            held_dev[k % s.p] += hm[b] - hm[a] + flight[k % s.p] * (am[b] - am[a])
+        if max(held_dev) > limit - (float(work.max()) if len(work) else 0.0):
+            return None
     return best
 
 

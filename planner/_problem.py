@@ -21,7 +21,7 @@ import numpy as np
 from meshplan.costmodel import Efficiency, op_time
 from meshplan.planner._layout import Comm, Layout, replicated, reshard, shards
 from meshplan.planner._mesh import CommModel
-from meshplan.planner._ops import LEADER_PRIMITIVES, POp, PlanningView
+from meshplan.planner._ops import LEADER_PRIMITIVES, POp, PlanningView, batch_free
 from meshplan.planner._strategies import (OpChoice, apply_loops, follower_loops,
                                           layout_choices, leader_choices)
 
@@ -290,7 +290,10 @@ def _op_cost(op: POp, choice: OpChoice, view, comm: CommModel, device, eff,
              rs_as_ar: bool) -> tuple[float, float, list[Comm]]:
     """(seconds, per-device FLOPs, collectives) of one execution of an op under a choice."""
     flops = op.flops / choice.split
-    nbytes = sum(_nbytes(view, v) for v in op.inputs + op.outputs) / choice.split
+    # Memory traffic: only values that live in memory; a value fused into its readers
+    # is neither written nor read back (XLA's loop fusion, Megatron-LM's fused kernels).
+    kept = view.memo["materialised"]
+    nbytes = sum(_nbytes(view, v) for v in op.inputs + op.outputs if v in kept) / choice.split
     dtype = view.values[op.outputs[0]].dtype if op.outputs else np.float32
     t = _roofline(flops, nbytes, device, dtype, op.prim in _MATMUL, eff) \
         if flops or nbytes else 0.0
@@ -405,12 +408,16 @@ def group_view(view: PlanningView, tie: bool = True):
 
 def build_problem(view: PlanningView, comm: CommModel, device, eff: Efficiency,
                   restrict: Restrictions = Restrictions(), tie: bool = True,
-                  rs_as_ar: bool = False, grouping=None) -> Problem:
+                  rs_as_ar: bool = False, grouping=None, weight_moves: float = 1.0) -> Problem:
     """Groups, classes, per-class strategies and resharding edges for one logical mesh.
 
     `grouping` = `group_view(view, tie)`, which does not depend on the mesh, can be passed
-    to share it between candidate meshes.
+    to share it between candidate meshes. `weight_moves` multiplies the resharding of
+    values that do not scale with the batch (weights): a pipeline stage with m microbatches
+    moves them m times per step, its activations once in total.
     """
+    from meshplan.planner._memory import materialised  # (a cycle at import time)
+    materialised(view)  # memoised on the view for _op_cost
     mesh_shape = comm.mesh.shape
     groups, group_of_value, classes = grouping or group_view(view, tie)
     strategies = [group_strategies(groups[members[0]], view, comm, mesh_shape, device, eff,
@@ -425,6 +432,8 @@ def build_problem(view: PlanningView, comm: CommModel, device, eff: Efficiency,
     edges = []
     for (pc, gc, pi, si), mult in mults.items():
         v_rep = groups[classes[pc][0]].produced[pi]
+        if weight_moves != 1.0 and batch_free(view, v_rep):
+            mult = mult * weight_moves
         edge = _edge(pc, gc, strategies[pc], strategies[gc], pi, si,
                      _nbytes(view, v_rep), mult, comm, mesh_shape)
         if pc == gc:  # consecutive repeated layers: both ends take the same strategy

@@ -12,7 +12,7 @@ import numpy as np
 from meshplan.costmodel import SCHEDULES, Cluster, Efficiency
 from meshplan.ir import Graph
 from meshplan.ir._util import paused_gc
-from meshplan.planner._evaluate import Cost, evaluate
+from meshplan.planner._evaluate import Cost, assign, evaluate
 from meshplan.planner._ilp import SolveResult, refine, solve
 from meshplan.planner._memory import liveness, memory_rows, peak_times
 from meshplan.planner._mesh import CommModel, LogicalMesh, factorizations
@@ -28,6 +28,9 @@ from meshplan.planner._problem import Restrictions, build_problem, group_view
 _MEMORY_ROUNDS = 3
 # Above this many nodes the mesh search keeps its inner axis inside a node (see candidates).
 _SMALL_CLUSTER_NODES = 4
+# Pipelines: a tp degree whose stage plan is this much slower than the best at one stage
+# count is dropped for larger ones (see _pipelined).
+_TP_PRUNE_MARGIN = 1.25
 _PEAKS_PER_ROW_SET = 3
 
 
@@ -179,8 +182,8 @@ def _slowest(cluster: Cluster, ids):
 
 def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: Constraints,
                     opts: SearchOptions, aliased: frozenset[int], limit: float,
-                    grouping=None, shared: dict | None = None, exact_memory: bool = True
-                    ) -> Solved:
+                    grouping=None, shared: dict | None = None, exact_memory: bool = True,
+                    weight_moves: float = 1.0) -> Solved:
     """Build and solve the ILP for one mesh candidate; re-solve if memory peaks elsewhere.
 
     `shared` memoises collective times by link structure across the candidates of a search.
@@ -190,7 +193,7 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
     device = _slowest(cluster, cand.mesh.device_ids)
     rs_as_ar = all(cluster.devices[i].kind == "cpu" for i in cand.mesh.device_ids)
     problem = build_problem(graph_view, comm, device, opts.efficiency, restrict,
-                            opts.tie_layers, rs_as_ar, grouping)
+                            opts.tie_layers, rs_as_ar, grouping, weight_moves)
     sizes = np.array([graph_view.values[v].nbytes for v in live.temps], dtype=float)
     times = peak_times(live, sizes, _PEAKS_PER_ROW_SET)
     result = None
@@ -200,8 +203,11 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
         refined, _ = refine(problem, result.choice, rows)
         result = dataclasses.replace(result, choice=refined)
         names = cand.names or tuple(f"a{i}" for i in range(len(cand.mesh.shape)))
-        cost, assignment = evaluate(problem, result.choice, live if exact_memory else None,
-                                    aliased, names)
+        if not exact_memory:  # a pipeline stage's plan: its layers are costed by the caller
+            assignment = assign(problem, result.choice)
+            cost = Cost(result.objective, 0.0, 0.0, 0.0)
+            break
+        cost, assignment = evaluate(problem, result.choice, live, aliased, names)
         if cost.peak_memory <= limit or result.status == "INFEASIBLE":
             break
         lay = assignment.value_layout
@@ -262,7 +268,7 @@ def stage_candidates(sub: Cluster, c: Constraints) -> list[MeshCandidate]:
     s = sub.num_devices
     per_node = len(sub.devices_of_node(sub.node_of[0]))
     out = []
-    for tp in (t for t in range(1, s + 1) if s % t == 0 and t <= per_node):
+    for tp in (t for t in range(1, s + 1) if s % t == 0 and per_node % t == 0):
         out += candidates(sub, Constraints(tp=tp, dp=s // tp))
     return out
 
@@ -294,6 +300,7 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
     order = device_order(cluster)
     in_place = frozenset(v for v, out in pairs.items() if out in aliased)
     act_scale: dict[int, float] = {}
+    dropped: set[int] = set()
     runs = []
     per_node = len(cluster.devices_of_node(cluster.node_of[0]))
     for p in pipeline_degrees(n, layers.num_layers, c, per_node):
@@ -301,11 +308,23 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
         chunks = [tuple(order[i * size:(i + 1) * size]) for i in range(p)]
         sub = cluster.subset(chunks[0])
         hop = _hop(cluster, chunks)
+        at_p: dict[int, float] = {}  # tp degree -> best step time with p stages
         for cand in stage_candidates(sub, c):
+            tp_size = math.prod(sz for a, sz in zip(cand.names, cand.mesh.shape) if a == "tp")
+            if tp_size in dropped:
+                continue
             # The stage's own memory is checked per layer range below; the whole-step
             # memory rows of the ILP do not apply to one stage.
-            solved = solve_candidate(view, live, sub, cand, Constraints(), opts, aliased,
-                                     float("inf"), grouping, shared, exact_memory=False)
+            # The stage ILP has no memory rows (its whole-step, whole-batch memory is not a
+            # stage's), so memory is kept in check by rule, as Megatron-LM does: weights
+            # and optimizer state whole over the stage's dp axis (ZeRO over dp is chosen by
+            # the pipeline model) and split over tp; weights moved between layouts are
+            # priced once per microbatch, for a typical count.
+            solved = solve_candidate(view, live, sub, cand,
+                                     Constraints(zero=0, tp_params=True), opts,
+                                     aliased, float("inf"), grouping, shared,
+                                     exact_memory=False,
+                                     weight_moves=_typical_microbatches(view, cand, p))
             dp_axes = tuple(i for i, a in enumerate(solved.axis_names) if a.startswith("dp"))
             costs = layer_costs(solved.problem, solved.result.choice, solved.assignment,
                                 layers, live, dp_axes, in_place)
@@ -317,6 +336,10 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
                 exact, _ = evaluate(solved.problem, solved.result.choice, live, aliased)
                 act_scale[tp] = costs.calibrated(exact.peak_memory).act_scale
             costs = dataclasses.replace(costs, act_scale=act_scale[tp])
+            # The stage plan's own speed (compute and collectives of all layers, memory
+            # aside): what the tp degree is compared on for pruning (below).
+            at_p[tp_size] = float(costs.forward.sum() + costs.backward.sum() +
+                                  costs.step.sum())
             dp = costs.dp_size
             per_replica = costs.batch // dp
             if c.num_microbatches and (costs.batch % dp or per_replica % c.num_microbatches):
@@ -343,7 +366,26 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
                 solved, cost=cost, pipeline=choice,
                 stage_order=tuple(d for ch in chunks
                                   for d in _stage_ids(cand.mesh.device_ids, chunks[0], ch)))))
+        # A tensor-parallel degree whose stage plan is slower (compute and collectives,
+        # memory aside) than the best by more than this margin with p stages is not tried
+        # with more: that trade-off between tp and dp inside a stage changes little with
+        # the stage count, and each try is an ILP. (Memory does change with p, so the
+        # pipelines' step times are not what is compared.)
+        if at_p:
+            best = min(at_p.values())
+            dropped |= {t for t, x in at_p.items() if x > _TP_PRUNE_MARGIN * best}
     return runs
+
+
+def _typical_microbatches(view, cand: MeshCandidate, p: int) -> float:
+    """The microbatch count a stage's ILP prices weight moves for: 4p (Megatron-LM's
+    guidance that m well above p keeps the bubble small), at most one sample per
+    data-parallel replica and microbatch."""
+    from meshplan.planner._ops import batch_free  # noqa: F401 (memoises the batch)
+    dp = math.prod(sz for a, sz in zip(cand.names, cand.mesh.shape) if a == "dp")
+    data = [op for op in view.ops if op.kind == "input" and op.role == "data"]
+    batch = view.values[data[0].outputs[0]].shape[0] if data else 1
+    return float(max(1, min(4 * p, batch // max(dp, 1))))
 
 
 def _stage_ids(first_ids, first_chunk, chunk) -> tuple[int, ...]:

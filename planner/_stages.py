@@ -10,10 +10,11 @@ left) finds the smallest sum of stage times with every stage at most B, and the 
 is that sum plus (m - 1) * B. Bounds are tried in increasing order and the search stops
 once (m - 1) * B alone exceeds the best step found.
 
-The stage cost is a callable, so this module knows nothing of graphs. The intended caller
-(not wired into the search yet) prices a layer range on a submesh with the intra-operator
-ILP, one solve per distinct layer and submesh shape, and reports None when it does not fit
-in memory.
+The stage cost is a callable, so this module knows nothing of graphs. It handles stages of
+different submesh sizes; the search's pipelines have equal stages, for which the sum of stage
+times is fixed and `planner._pipe.split` (a min-max greedy fill, also memory-aware) is
+exact and faster. This DP is kept for uneven stages (mixed device kinds), where the sum
+varies with the split.
 
 >>> layer = [1.0] * 8                     # 8 equal layers; t = layers / devices
 >>> cost = lambda first, last, n: sum(layer[first:last]) / n

@@ -447,7 +447,6 @@ def test_roofline_compute_and_memory_bound():
 
 
 def test_efficiency_validation():
-    assert Efficiency() == Efficiency(0.5, 0.5, 0.8)
     for bad in (0.0, 1.01, -0.1, float("nan"), "0.5"):
         with pytest.raises(ValueError, match="Efficiency.memory"):
             Efficiency(memory=bad)
