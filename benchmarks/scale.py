@@ -58,7 +58,14 @@ def one(variant: str, layers: int, nodes: int, time_limit: float) -> dict:
               f"{msg}", file=sys.stderr, flush=True)
 
     step.trace(*ex.args)
-    plan = step.plan(*ex.args, compare_baselines=False, progress=progress)
+    try:
+        plan = step.plan(*ex.args, compare_baselines=False, progress=progress)
+    except MemoryError as e:  # the search ran; nothing fits 80 GB per GPU
+        t2 = time.perf_counter()
+        return {"variant": variant, "layers": layers, "gpus": 8 * nodes, "jax": t1 - t0,
+                "meshplan": t2 - t1, "total": t2 - t0, "plan": "nothing fits: " +
+                str(e).split(";")[1].strip().split(".")[0], "step_s": None, "peak_gib": None,
+                "fits": False}
     t2 = time.perf_counter()
     shape = dict(zip(plan.axis_names, plan.mesh_shape))
     pp = plan.pipeline
@@ -77,7 +84,8 @@ def report(rows, seconds) -> None:
                  "step s", "peak GiB"],
                 [[r["variant"], r["layers"], r["gpus"], f"{r['jax']:.1f}",
                   f"{r['meshplan']:.1f}", f"{r['total']:.1f}", r["plan"],
-                  f"{r['step_s']:.1f}", f"{r['peak_gib']:.1f}"] for r in rows]))
+                  "-" if r["step_s"] is None else f"{r['step_s']:.1f}",
+                  "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"] for r in rows]))
     for v in sorted({r["variant"] for r in rows}):
         by = {r["layers"]: r for r in rows if r["variant"] == v and r["gpus"] == 1024}
         if 24 in by and 96 in by:
