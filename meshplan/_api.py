@@ -238,6 +238,7 @@ class AutoParallel:
             state = {v: x for v, x in zip(graph.inputs, leaves) if v not in micro_data}
             batch = {v: x for v, x in zip(graph.inputs, leaves) if v in micro_data}
             return jax.tree_util.tree_unflatten(out_treedef, runner(state, batch, layouts))
+        step.runner = runner  # the programs, for inspection
         return step
 
     def _jitted(self, args, plan: Plan | None = None):

@@ -9,6 +9,8 @@ step that way, with no change to the step:
    layer; a layer's stage comes from `plan.stages`. Each (pass, stage) becomes a program,
    jitted on that stage's submesh, with the stage's parameters laid out as the plan says
    (data and tensor parallelism inside the stage come from those layouts).
+   With full recomputation (`remat="full"`) a stage's backward program runs its forward
+   ops again, so only stage inputs are kept between a microbatch's passes.
 3. The programs run in the order of the plan's schedule (`schedule_table`: GPipe, 1F1B or
    interleaved 1F1B): a forward program of stage k for microbatch i after stage k-1's,
    a backward after stage k+1's. Values crossing stages are sent to the receiving
@@ -170,6 +172,14 @@ class PipelinedStep:
             else:
                 merged[key] = pr
                 order.append(pr)
+        if self.plan.pipeline.remat == "full":
+            # Full recomputation: a stage's backward program runs its forward again first,
+            # so the forward program keeps only what other stages read (its output), and
+            # each microbatch holds just its stage inputs until its backward.
+            for pr in order:
+                fwd = merged.get(("forward", pr.stage))
+                if pr.kind == "backward" and fwd is not None:
+                    pr.nodes = fwd.nodes + pr.nodes
         order += self._step_programs([n for pr in progs if pr.kind == "step" for n in pr.nodes],
                                      where)
         self.programs = order
@@ -177,7 +187,7 @@ class PipelinedStep:
         for pr in order:
             for node in pr.nodes:
                 for v in node.outputs:
-                    produced_by[v] = pr
+                    produced_by.setdefault(v, pr)  # recomputed values: the first producer
         readers: dict[int, set[int]] = {}
         for i, pr in enumerate(order):
             made = {v for node in pr.nodes for v in node.outputs}

@@ -1,4 +1,6 @@
 """Pipelined plans run for real on CPU devices and equal the unpipelined step."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -27,29 +29,44 @@ def gpts():
     return out
 
 
-CASES = [  # (blocks, devices, pp, schedule, tp, dp); 4 microbatches of 2 samples
-    (4, 8, 2, "gpipe", None, 2),  # data parallel inside each stage
-    (4, 8, 2, "1f1b", 2, 2),  # tensor and data parallel inside each stage
-    (4, 8, 2, "interleaved", 4, None),  # tensor parallel inside each stage
-    (6, 8, 4, "1f1b", 2, None),
-    (6, 4, 4, "interleaved", 1, 1),  # one device per stage: pipeline parallelism alone
-    (4, 4, 4, "gpipe", 1, 1),
+CASES = [  # (blocks, devices, pp, schedule, tp, dp, remat); 4 microbatches of 2 samples
+    (4, 8, 2, "gpipe", None, 2, "none"),  # data parallel inside each stage
+    (4, 8, 2, "1f1b", 2, 2, "full"),  # tensor and data parallel; recomputation
+    (4, 8, 2, "interleaved", 4, None, "none"),  # tensor parallel inside each stage
+    (6, 8, 4, "1f1b", 2, None, "none"),
+    (6, 4, 4, "interleaved", 1, 1, "full"),  # one device per stage: pipeline alone
+    (4, 4, 4, "gpipe", 1, 1, "none"),
 ]
 
 
-@pytest.mark.parametrize("blocks,devices,pp,schedule,tp,dp", CASES)
-def test_pipelined_step_equals_unpipelined(gpts, blocks, devices, pp, schedule, tp, dp):
+@pytest.mark.parametrize("blocks,devices,pp,schedule,tp,dp,remat", CASES)
+def test_pipelined_step_equals_unpipelined(gpts, blocks, devices, pp, schedule, tp, dp, remat):
     ex, ref, step = gpts[blocks]
     cluster = mp.Cluster.local().subset(list(range(devices)))
     c = mp.Constraints(pp=pp, num_microbatches=4, schedule=schedule, tp=tp, dp=dp,
-                       virtual_stages=2 if schedule == "interleaved" else None)
+                       virtual_stages=2 if schedule == "interleaved" else None, remat=remat)
     plan = step.plan(*ex.args, constraints=c, cluster=cluster, compare_baselines=False)
     assert len(plan.stages) == pp * (2 if schedule == "interleaved" else 1)
+    assert plan.pipeline.remat == remat
     out = step._jitted(ex.args, plan)(*ex.args)
     assert jax.tree.structure(out) == jax.tree.structure(ref)
     # Loss, parameters and optimizer state each as a whole (see test_runtime).
     errors = [_rel(a, b) for a, b in zip(out, ref)]
     assert max(errors) < 1e-5, errors
+    if remat == "full":  # backward programs recompute their stage's forward ops, so
+        # forward programs hand on only what other stages read: less than without remat
+        runner = step._jitted(ex.args, plan).runner
+        progs = {(p.kind, p.stage): p for p in runner.programs if p.kind != "step"}
+        plain = dataclasses.replace(plan, pipeline=dataclasses.replace(plan.pipeline,
+                                                                      remat="none"))
+        base = {(p.kind, p.stage): p for p in step._pipelined(ex.args, plain).runner.programs
+                if p.kind != "step"}
+        for (kind, k), pr in progs.items():
+            if kind == "backward":
+                fwd_ids = {n.id for n in progs["forward", k].nodes}
+                assert fwd_ids <= {n.id for n in pr.nodes}
+        assert sum(len(progs[key].outputs) for key in progs if key[0] == "forward") < \
+            sum(len(base[key].outputs) for key in base if key[0] == "forward")
     # Each stage's parameters live on that stage's devices only (block 0 is layer 1).
     home = next(s for s in plan.stages if s.layers[0] <= 1 < s.layers[1])
     leaf = out[0]["blocks"][0]["fc1"]["kernel"]
