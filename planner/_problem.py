@@ -122,12 +122,16 @@ def build_groups(view: PlanningView) -> tuple[list[Group], dict[int, int]]:
         elif op.prim in LEADER_PRIMITIVES:
             g = new_group("leader", op)
         elif main is None:
-            # A source (iota, a broadcast of a constant or of a small value): it may be
-            # produced in any layout, so it leads a group of its own (a causal mask
-            # broadcast to [batch, heads, seq, seq] must not be materialised whole).
-            ranked = op.kind == "op" and op.dims is not None and \
-                any(view.values[v].shape for v in op.outputs)
-            g = new_group("leader" if ranked else "fixed", op)
+            # A source (iota, a broadcast of a constant or of a small value) may be
+            # produced in any layout: one that adds dimensions to its input leads a group
+            # of its own (a causal mask broadcast to [batch, heads, seq, seq] must not be
+            # materialised whole); the others (masks, index vectors) stay replicated,
+            # which keeps the ILP small.
+            grows = op.kind == "op" and op.dims is not None and op.outputs and any(
+                len(view.values[v].shape) > max([len(view.values[u].shape)
+                                                 for u in op.inputs] or [0]) + 1
+                for v in op.outputs)
+            g = new_group("leader" if grows else "fixed", op)
         elif _joins(op, main, view, groups, group_of_value):
             if main != op.dims.main:
                 op.dims = dataclasses.replace(op.dims, main=main)
