@@ -302,6 +302,7 @@ def _microbatch_weights(step, args, micro_args, double_args, tm, wanted, m) -> d
     sums. Measured: the step runs on its first microbatch, alone and twice over; a mean
     stays, a sum doubles."""
     from meshplan.runtime import Interpreter
+    from meshplan.runtime._apply import read_value
     if not wanted:
         return {}
     td = step.trace(*double_args)
@@ -328,9 +329,9 @@ def _microbatch_weights(step, args, micro_args, double_args, tm, wanted, m) -> d
 
         def run(*a):
             env = dict(zip(graph.inputs, a))
-            read = lambda v: graph.values[v].const if graph.values[v].is_const else env[v]
             for node in graph.nodes:
-                env.update(zip(node.outputs, it._eval(node, [read(v) for v in node.inputs])))
+                ins = [read_value(graph, env, v) for v in node.inputs]
+                env.update(zip(node.outputs, it._eval(node, ins)))
             return [env[v] for v in ids]
         return [np.asarray(o, np.float64) for o in jax.jit(run)(*ins)]
 

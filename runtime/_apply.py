@@ -38,6 +38,14 @@ def build_mesh(plan: Plan, devices: Sequence[Any] | None = None) -> Mesh:
     return Mesh(grid, plan.axis_names, axis_types=(AxisType.Auto,) * len(plan.mesh_shape))
 
 
+def read_value(g: Graph, env: dict, v: int):
+    """Value `v` of graph `g`: its constant, or what `env` holds for it."""
+    val = g.values[v]
+    if val.is_const:
+        return val.const if hasattr(val.const, "aval") else np.asarray(val.const, val.dtype)
+    return env[v]
+
+
 class Interpreter:
     """Evaluates a Graph under a plan, pinning the planned layouts."""
 
@@ -61,11 +69,7 @@ class Interpreter:
             env[v] = self._pin(x, self.plan.value_layouts.get(v)) if pin_inputs else x
 
         def read(v: int):
-            val = g.values[v]
-            if val.is_const:
-                return val.const if hasattr(val.const, "aval") else np.asarray(val.const,
-                                                                               val.dtype)
-            return env[v]
+            return read_value(g, env, v)
 
         for node in g.nodes:
             ins = [read(v) for v in node.inputs]

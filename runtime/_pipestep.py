@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from meshplan.runtime._apply import Interpreter
+from meshplan.runtime._apply import Interpreter, read_value
 from meshplan.runtime._pipeline import _BACKWARD, _FORWARD, schedule_table
 
 __all__ = ["PipelinedStep"]
@@ -322,16 +322,8 @@ def _program_fn(interp: Interpreter, pr: _Program):
     def fn(*args):
         env = dict(zip(pr.inputs, args))
         g = interp.graph
-
-        def read(v):
-            val = g.values[v]
-            if val.is_const:
-                return val.const if hasattr(val.const, "aval") else np.asarray(val.const,
-                                                                               val.dtype)
-            return env[v]
-
         for node in pr.nodes:
-            outs = interp._eval(node, [read(v) for v in node.inputs])
+            outs = interp._eval(node, [read_value(g, env, v) for v in node.inputs])
             env.update(zip(node.outputs, outs))
         return tuple(env[v] for v in pr.outputs)
     return fn
