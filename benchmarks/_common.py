@@ -97,6 +97,13 @@ def write_json(name: str, doc: dict, out: str | None = None) -> Path:
     return path
 
 
+def save_rows(name: str, rows: list, seconds: float, out: str | None = None) -> None:
+    """Write rows with the environment and the run time to results/<name>; say where."""
+    path = write_json(name, {"environment": environment(), "rows": rows,
+                             "summary": {"seconds": seconds}}, out)
+    print(f"wrote {path}")
+
+
 def _jsonable(x):
     try:
         import numpy as np

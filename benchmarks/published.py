@@ -36,7 +36,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, pick, short_error, show_saved, table, write_json  # noqa: E402
+from _common import pick, save_rows, short_error, show_saved, table  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,9 +162,7 @@ def main():
             print(f"  {run.name}: done in {rows[-1]['seconds']:.0f} s", flush=True)
     seconds = time.perf_counter() - t0
     report(rows, seconds)
-    path = write_json("published.json", {"environment": environment(), "rows": rows,
-                                         "summary": {"seconds": seconds}}, args.out)
-    print(f"wrote {path}")
+    save_rows("published.json", rows, seconds, args.out)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, pick, show_saved, table, write_json  # noqa: E402
+from _common import pick, save_rows, show_saved, table  # noqa: E402
 
 GPT3 = dict(hidden=12288, heads=96, seq=2048, batch=1536, vocab=51200, dtype="bfloat16")
 POINTS = {"layers": [(24, 128), (48, 128), (96, 128)],  # (layers, DGX A100 nodes)
@@ -131,9 +131,7 @@ def main():
                       flush=True)
     seconds = time.perf_counter() - t0
     report(rows, seconds)
-    path = write_json("scale.json", {"environment": environment(), "rows": rows,
-                                     "summary": {"seconds": seconds}}, args.out)
-    print(f"wrote {path}")
+    save_rows("scale.json", rows, seconds, args.out)
 
 
 if __name__ == "__main__":

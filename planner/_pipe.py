@@ -34,7 +34,7 @@ import math
 
 import numpy as np
 
-from meshplan.costmodel import Cluster, in_flight, pipeline_time
+from meshplan.costmodel import in_flight, pipeline_time
 from meshplan.planner._layers import SPREAD, Layers
 from meshplan.planner._layout import reshard, shards
 from meshplan.planner._ops import batch_dims, batch_free

@@ -381,7 +381,6 @@ def _typical_microbatches(view, cand: MeshCandidate, p: int) -> float:
     """The microbatch count a stage's ILP prices weight moves for: 4p (Megatron-LM's
     guidance that m well above p keeps the bubble small), at most one sample per
     data-parallel replica and microbatch."""
-    from meshplan.planner._ops import batch_free  # noqa: F401 (memoises the batch)
     dp = math.prod(sz for a, sz in zip(cand.names, cand.mesh.shape) if a == "dp")
     data = [op for op in view.ops if op.kind == "input" and op.role == "data"]
     batch = view.values[data[0].outputs[0]].shape[0] if data else 1
