@@ -65,24 +65,12 @@ def assign(problem: Problem, choice) -> Assignment:
     return Assignment(value_layout, op_layouts)
 
 
-def evaluate(problem: Problem, choice, live: Liveness | None, aliased: frozenset[int] = frozenset(),
-             axis_names: tuple[str, ...] | None = None) -> tuple[Cost, Assignment]:
-    """Cost of `choice`: strategies' own costs plus resharding, each distinct reshard once."""
-    a = assign(problem, choice)
-    mesh_shape = problem.mesh_shape
-    comm = problem.comm
-    names = axis_names or tuple(f"axis{i}" for i in range(len(mesh_shape)))
-    compute = 0.0
-    flops = 0.0
-    comms: list[tuple[Comm, int, str]] = []
-    # The groups of a class are identical: cost one, count it class_size times.
+def collectives(problem: Problem, choice, a: Assignment) -> list[tuple[Comm, float, str]]:
+    """(collective, count, "collective" or "reshard") for every collective `choice` runs."""
+    out: list[tuple[Comm, float, str]] = []
     for c, members in enumerate(problem.classes):
         strat = problem.strategies[c][choice[c]]
-        n = len(members)
-        flops += n * strat.flops
-        own = sum(m * comm.time(x.kind, x.nbytes, x.axes) for x, m in strat.comms)
-        compute += n * (strat.time - own)
-        comms += [(x, n * m, "collective") for x, m in strat.comms]
+        out += [(x, len(members) * m, "collective") for x, m in strat.comms]
     seen: set = set()
     for g in problem.groups:
         strat = problem.strategies[g.cls][choice[g.cls]]
@@ -93,8 +81,28 @@ def evaluate(problem: Problem, choice, live: Liveness | None, aliased: frozenset
             if have == want or key in seen:
                 continue
             seen.add(key)
-            comms += [(c, mult, "reshard") for c in reshard(problem.view.values[v].nbytes,
-                                                            have, want, mesh_shape)]
+            out += [(c, mult, "reshard") for c in reshard(problem.view.values[v].nbytes,
+                                                          have, want, problem.mesh_shape)]
+    return out
+
+
+def evaluate(problem: Problem, choice, live: Liveness | None, aliased: frozenset[int] = frozenset(),
+             axis_names: tuple[str, ...] | None = None) -> tuple[Cost, Assignment]:
+    """Cost of `choice`: strategies' own costs plus resharding, each distinct reshard once."""
+    a = assign(problem, choice)
+    mesh_shape = problem.mesh_shape
+    comm = problem.comm
+    names = axis_names or tuple(f"axis{i}" for i in range(len(mesh_shape)))
+    compute = 0.0
+    flops = 0.0
+    # The groups of a class are identical: cost one, count it class_size times.
+    for c, members in enumerate(problem.classes):
+        strat = problem.strategies[c][choice[c]]
+        n = len(members)
+        flops += n * strat.flops
+        own = sum(m * comm.time(x.kind, x.nbytes, x.axes) for x, m in strat.comms)
+        compute += n * (strat.time - own)
+    comms = collectives(problem, choice, a)
     breakdown: dict[str, float] = {"compute": compute}
     by_kind: dict[str, float] = {}
     sent = 0.0

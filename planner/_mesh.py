@@ -80,7 +80,10 @@ class CommModel:
     def _group_key(self, kind: str, group: tuple[int, ...]):
         c = self.cluster
         if c.pair_bandwidth is not None or c.pair_latency is not None:
-            return (kind, id(c), group)  # measured links: every group is its own
+            # Measured links: every group is its own. The memo keeps the cluster alive so
+            # that its id is not reused by another cluster while the memo lives.
+            self._group_times.setdefault(("cluster", id(c)), c)
+            return (kind, id(c), group)
         nodes: dict[int, int] = {}
         sites: dict[int, int] = {}
         shape = tuple(nodes.setdefault(c.node_of[d], len(nodes)) for d in group)
@@ -102,7 +105,9 @@ class CommModel:
         if key not in self._fits:
             per_group = [self._group_time(kind, tuple(g)) for g in self.mesh.groups(axes)]
             probe = per_group[0][2]
-            names = list(per_group[0][0])
+            # Algorithms every group can run (hierarchical needs even nodes, which a
+            # placement may give some groups and not others).
+            names = [a for a in per_group[0][0] if all(a in g[0] for g in per_group)]
             # The slowest group sets the pace: collectives over an axis run in lockstep.
             alphas = tuple(max(g[0][n] for g in per_group) for n in names)
             betas = tuple(max((g[1][n] - g[0][n]) / probe for g in per_group) for n in names)

@@ -19,6 +19,7 @@ from meshplan.planner._mesh import CommModel, LogicalMesh, factorizations
 from meshplan.planner._ops import POp, batch_dims, build_view
 from meshplan.planner._layers import Layers, find_layers
 from meshplan.planner._pipe import PipelineChoice, best_pipeline, layer_costs
+from meshplan.planner._placement import improve_order, plan_traffic, topology_order
 from meshplan.planner._plan import Alternative, Constraints, PipelineSettings, Plan, Stage
 from meshplan.planner._problem import Restrictions, build_problem, group_view
 
@@ -74,15 +75,10 @@ class Solved:
     stage_order: tuple[int, ...] = ()  # all devices, stage by stage
 
 
-def device_order(cluster: Cluster) -> tuple[int, ...]:
-    """Devices grouped by node (then id): consecutive ids share the fastest links."""
-    return tuple(sorted(range(cluster.num_devices), key=lambda i: (cluster.node_of[i], i)))
-
-
 def candidates(cluster: Cluster, c: Constraints) -> list[MeshCandidate]:
     """Logical meshes allowed by the constraints; the last axis lies inside nodes."""
     n = cluster.num_devices
-    order = device_order(cluster)
+    order = topology_order(cluster)
     if c.tp is not None or c.dp is not None:
         tp = c.tp or (n // (c.dp or 1))
         dp = c.dp or (n // tp)
@@ -227,6 +223,31 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
     return Solved(cand, names, cost, assignment, result, problem)
 
 
+def _improve_placement(solved: Solved, view, live, cluster: Cluster, c: Constraints,
+                       opts: SearchOptions, aliased, limit: float, grouping, shared,
+                       progress) -> Solved:
+    """With measured pair links, move devices between mesh positions to speed up the
+    solved plan's collectives, and re-solve on the better placement (the layouts may then
+    change too); the faster of the two plans is kept. Tier-only clusters are symmetric
+    inside each tier, so the topology order is already as good as any."""
+    if cluster.pair_bandwidth is None and cluster.pair_latency is None:
+        return solved
+    cand = solved.candidate
+    traffic = plan_traffic(solved.problem, solved.result.choice)
+    if not traffic:
+        return solved
+    order, _ = improve_order(cluster, cand.mesh.shape, cand.mesh.device_ids, traffic)
+    if order == cand.mesh.device_ids:
+        return solved
+    moved = dataclasses.replace(cand, mesh=LogicalMesh(cand.mesh.shape, order))
+    again = solve_candidate(view, live, cluster, moved, c, opts, aliased, limit, grouping,
+                            shared)
+    if progress:
+        progress(f"mesh {cand.label}: placement search {solved.cost.step_time * 1e3:.3f} -> "
+                 f"{again.cost.step_time * 1e3:.3f} ms")
+    return again if again.cost.step_time < solved.cost.step_time else solved
+
+
 def _bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.2f} MiB"
 
@@ -297,7 +318,7 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
                              "differ only in a layer index, no scan over layers); leave pp "
                              "unset.")
         return []
-    order = device_order(cluster)
+    order = topology_order(cluster)
     in_place = frozenset(v for v, out in pairs.items() if out in aliased)
     act_scale: dict[int, float] = {}
     dropped: set[int] = set()
@@ -365,7 +386,7 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
             runs.append((label, dataclasses.replace(
                 solved, cost=cost, pipeline=choice,
                 stage_order=tuple(d for ch in chunks
-                                  for d in _stage_ids(cand.mesh.device_ids, chunks[0], ch)))))
+                                  for d in _stage_ids(cand.mesh.device_ids, ch)))))
         # A tensor-parallel degree whose stage plan is slower (compute and collectives,
         # memory aside) than the best by more than this margin with p stages is not tried
         # with more: that trade-off between tp and dp inside a stage changes little with
@@ -387,10 +408,10 @@ def _typical_microbatches(view, cand: MeshCandidate, p: int) -> float:
     return float(max(1, min(4 * p, batch // max(dp, 1))))
 
 
-def _stage_ids(first_ids, first_chunk, chunk) -> tuple[int, ...]:
-    """A stage's devices in the order the first stage's mesh uses its own."""
-    pos = {d: k for k, d in enumerate(first_chunk)}
-    return tuple(chunk[pos[d]] for d in first_ids)
+def _stage_ids(positions, chunk) -> tuple[int, ...]:
+    """A stage's devices in its mesh's order: the stage mesh was solved on the submesh
+    `cluster.subset(chunks[0])`, whose device ids are positions in a chunk."""
+    return tuple(chunk[k] for k in positions)
 
 
 def _pipeline_cost(costs, pc: PipelineChoice, solved: Solved) -> Cost:
@@ -447,6 +468,8 @@ def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraint
     for cand in (candidates(cluster, constraints) if constraints.pp in (None, 1) else []):
         solved = solve_candidate(view, live, cluster, cand, constraints, options, aliased, limit,
                                  grouping, shared)
+        solved = _improve_placement(solved, view, live, cluster, constraints, options, aliased,
+                                    limit, grouping, shared, progress)
         runs.append((cand.label, solved))
         if progress:
             progress(f"mesh {cand.label}: {solved.cost.step_time * 1e3:.3f} ms "
