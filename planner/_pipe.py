@@ -336,35 +336,59 @@ def _tables(c: LayerCosts, s: Setting):
     return f, b, c.step, held, act, work
 
 
-def split(c: LayerCosts, s: Setting, limit: float):
+def _per_stage(c, p: int) -> tuple[LayerCosts, ...]:
+    """One LayerCosts per stage: stages on different devices cost their layers differently."""
+    return tuple(c) if isinstance(c, (list, tuple)) else (c,) * p
+
+
+def _stage_tables(cs: tuple[LayerCosts, ...], s: Setting) -> list:
+    memo: dict[int, tuple] = {}  # stages on alike devices share one table
+    return [memo.setdefault(id(c), _tables(c, s)) for c in cs]
+
+
+def split(c, s: Setting, limit):
     """The memory-feasible split minimising the slowest piece; None if none fits.
 
+    c: one LayerCosts, or one per stage (stages on slower devices take their layers
+    longer, so they get fewer). limit: bytes per device, one number or one per stage.
     Pieces: p stages, or p * v chunks for the interleaved schedule (chunk k on device
     k mod p); interleaved chunks are balanced by time, then each device's memory (the sum
     of its chunks) is checked.
     """
-    f, b, _, held, act, work = _tables(c, s)
+    cs = _per_stage(c, s.p)
+    limits = list(limit) if isinstance(limit, (list, tuple)) else [limit] * s.p
+    tabs = _stage_tables(cs, s)
     pieces = s.p * s.v
-    if c.num_layers < pieces:
+    n = cs[0].num_layers
+    if n < pieces:
         return None
-    t = f + b
-    tm = np.concatenate([[0.0], np.cumsum(t)]).tolist()
-    hm = np.concatenate([[0.0], np.cumsum(held)])
-    am = np.concatenate([[0.0], np.cumsum(act)])
     flight = in_flight(s.p, s.m, s.schedule, s.v)
+    times = [f + b for f, b, *_ in tabs]
+    cum = lambda a: np.concatenate([[0.0], np.cumsum(a)])
+    memo: dict = {}  # cumulative tables per distinct (stage tables, in-flight count)
+    tm_d = [memo.setdefault(id(t), cum(times[d]).tolist()) for d, t in enumerate(tabs)]
+    hms = [cum(t[3]) for t in tabs]
+    ams = [cum(t[4]) for t in tabs]
+    mem_d = [memo.setdefault((id(t), flight[d]), (hms[d] + flight[d] * ams[d]).tolist())
+             for d, t in enumerate(tabs)]
+    tms = [tm_d[k % s.p] for k in range(pieces)]
+    mems = [mem_d[k % s.p] for k in range(pieces)]
     # One working set per stage: bound it by the largest (a layer's ops run one at a time).
-    room = limit - (float(work.max()) if len(work) else 0.0)
+    works = [float(t[5].max()) if n else 0.0 for t in tabs]
+    rooms = [limits[k % s.p] - works[k % s.p] for k in range(pieces)]
     if s.v > 1:
         # A device holds v chunks from all over the model: the greedy fill balances time
         # only, and each device's total is checked below.
-        room = math.inf
-    mems = [(hm + flight[k % s.p] * am).tolist() for k in range(pieces)]
+        rooms = [math.inf] * pieces
 
     def greedy(bound):
-        return _greedy(tm, mems, pieces, bound, room)
+        return _greedy(tms, mems, pieces, bound, rooms)
 
-    lo = max(tm[-1] / pieces, float(t.max()))
-    hi = tm[-1]
+    # The slowest piece takes at least an even share of the fastest stage's total, and at
+    # least any one layer on the stage that runs it fastest.
+    fastest = np.min(np.stack(times), axis=0)
+    lo = max(float(fastest.sum()) / pieces, float(fastest.max()))
+    hi = max(tm[-1] for tm in tms)
     best = greedy(hi)
     if best is None:
         return None
@@ -380,23 +404,24 @@ def split(c: LayerCosts, s: Setting, limit: float):
     if s.v > 1 and best is not None:
         held_dev = [0.0] * s.p
         for k, (a, b) in enumerate(best):
-            held_dev[k % s.p] += hm[b] - hm[a] + flight[k % s.p] * (am[b] - am[a])
-        if max(held_dev) > limit - (float(work.max()) if len(work) else 0.0):
+            d = k % s.p
+            held_dev[d] += hms[d][b] - hms[d][a] + flight[d] * (ams[d][b] - ams[d][a])
+        if any(held_dev[d] > limits[d] - works[d] for d in range(s.p)):
             return None
     return best
 
 
-def _greedy(tm, mems, pieces, bound, room):
-    """Fill pieces left to right, each as long as time <= bound and memory <= room allow,
-    leaving a layer for each later piece; None if the last piece overflows."""
-    n = len(tm) - 1
+def _greedy(tms, mems, pieces, bound, rooms):
+    """Fill pieces left to right, each as long as time <= bound and memory <= its room
+    allow, leaving a layer for each later piece; None if the last piece overflows."""
+    n = len(tms[0]) - 1
     out = []
     first = 0
     for k in range(pieces):
         end = n - (pieces - k - 1)
         if first >= end:
             return None
-        mem = mems[k]
+        tm, mem, room = tms[k], mems[k], rooms[k]
         if k == pieces - 1:
             last = n
             if tm[n] - tm[first] > bound * (1 + 1e-9) or mem[n] - mem[first] > room:
@@ -413,21 +438,26 @@ def _greedy(tm, mems, pieces, bound, room):
     return out
 
 
-def evaluate_split(c: LayerCosts, s: Setting, pieces, hop) -> PipelineChoice:
+def evaluate_split(c, s: Setting, pieces, hop) -> PipelineChoice:
     """Step time, bubble, p2p and per-device memory of one split under setting `s`.
 
-    pieces: p stages, or p * v chunks (chunk k on device k mod p) when interleaved.
-    hop(nbytes) -> seconds to send nbytes per device to the next stage.
+    c: one LayerCosts, or one per stage. pieces: p stages, or p * v chunks (chunk k on
+    device k mod p) when interleaved. hop(nbytes) -> seconds to send nbytes per device to
+    the next stage.
     """
-    f, b, step, held, act, work = _tables(c, s)
+    cs = _per_stage(c, s.p)
+    tabs = _stage_tables(cs, s)
     flight = in_flight(s.p, s.m, s.schedule, s.v)
     fwd, bwd = [0.0] * s.p, [0.0] * s.p
     hold, acts, works, once = [0.0] * s.p, [0.0] * s.p, [0.0] * s.p, [0.0] * s.p
     sends, sent_bytes = [0.0] * s.p, [0.0] * s.p
+    n = cs[0].num_layers
     for k, (first, last) in enumerate(pieces):
         d = k % s.p
-        out = c.cut[last - 1] if last < c.num_layers else 0.0  # activations sent on
-        back = c.cut[first - 1] if first > 0 else 0.0  # their gradients sent back
+        f, b, step, held, act, work = tabs[d]
+        cut = cs[d].cut
+        out = cut[last - 1] if last < n else 0.0  # activations sent on
+        back = cut[first - 1] if first > 0 else 0.0  # their gradients sent back
         send_f, send_b = hop(out / s.m), hop(back / s.m)
         fwd[d] += float(f[first:last].sum()) + send_f
         bwd[d] += float(b[first:last].sum()) + send_b
@@ -453,10 +483,14 @@ def microbatch_counts(per_replica: int, p: int, limit: int = 6) -> list[int]:
     return picked if len(picked) <= limit + 2 else picked[:limit] + picked[-2:]
 
 
-def best_pipeline(c: LayerCosts, p: int, limit: float, hop, *, schedules, remats, zeros,
+def best_pipeline(c, p: int, limit, hop, *, schedules, remats, zeros,
                   microbatches=None, virtual=(2,)) -> PipelineChoice | None:
-    """The fastest feasible (split, m, schedule, v, remat, zero) for p stages."""
-    per_replica = max(c.batch // max(c.dp_size, 1), 1)
+    """The fastest feasible (split, m, schedule, v, remat, zero) for p stages.
+
+    c, limit: as for `split` (one for all stages, or one per stage).
+    """
+    c0 = _per_stage(c, p)[0]
+    per_replica = max(c0.batch // max(c0.dp_size, 1), 1)
     ms = [microbatches] if microbatches else microbatch_counts(per_replica, p)
     best = None
     for m in ms:
@@ -465,7 +499,7 @@ def best_pipeline(c: LayerCosts, p: int, limit: float, hop, *, schedules, remats
         for sched in schedules:
             vs = virtual if sched == "interleaved" else (1,)
             for v in vs:
-                if sched == "interleaved" and (m % p or v < 2 or c.num_layers < p * v):
+                if sched == "interleaved" and (m % p or v < 2 or c0.num_layers < p * v):
                     continue
                 for remat in remats:
                     for zero in zeros:

@@ -18,7 +18,8 @@ from meshplan.planner._memory import liveness, memory_rows, peak_times
 from meshplan.planner._mesh import CommModel, LogicalMesh, factorizations
 from meshplan.planner._ops import POp, batch_dims, build_view
 from meshplan.planner._layers import Layers, find_layers
-from meshplan.planner._pipe import PipelineChoice, best_pipeline, layer_costs
+from meshplan.planner._pipe import (PipelineChoice, Setting, best_pipeline, evaluate_split,
+                                    layer_costs)
 from meshplan.planner._placement import improve_order, plan_traffic, topology_order
 from meshplan.planner._plan import Alternative, Constraints, PipelineSettings, Plan, Stage
 from meshplan.planner._problem import Restrictions, build_problem, group_view
@@ -176,6 +177,17 @@ def _slowest(cluster: Cluster, ids):
     return min((cluster.devices[i] for i in ids), key=lambda d: d.flops_per_second("bfloat16"))
 
 
+def _problem(view, cluster: Cluster, cand: MeshCandidate, c: Constraints,
+             opts: SearchOptions, grouping, shared, weight_moves: float = 1.0):
+    """The ILP data for one mesh candidate on `cluster` (strategies, edges, costs)."""
+    comm = CommModel(cluster, cand.mesh, shared)
+    restrict = _restrictions(cand.names, c, cand.mesh.shape, view)
+    device = _slowest(cluster, cand.mesh.device_ids)
+    rs_as_ar = all(cluster.devices[i].kind == "cpu" for i in cand.mesh.device_ids)
+    return build_problem(view, comm, device, opts.efficiency, restrict, opts.tie_layers,
+                         rs_as_ar, grouping, weight_moves)
+
+
 def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: Constraints,
                     opts: SearchOptions, aliased: frozenset[int], limit: float,
                     grouping=None, shared: dict | None = None, exact_memory: bool = True,
@@ -184,12 +196,7 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
 
     `shared` memoises collective times by link structure across the candidates of a search.
     """
-    comm = CommModel(cluster, cand.mesh, shared)
-    restrict = _restrictions(cand.names, c, cand.mesh.shape, graph_view)
-    device = _slowest(cluster, cand.mesh.device_ids)
-    rs_as_ar = all(cluster.devices[i].kind == "cpu" for i in cand.mesh.device_ids)
-    problem = build_problem(graph_view, comm, device, opts.efficiency, restrict,
-                            opts.tie_layers, rs_as_ar, grouping, weight_moves)
+    problem = _problem(graph_view, cluster, cand, c, opts, grouping, shared, weight_moves)
     sizes = np.array([graph_view.values[v].nbytes for v in live.temps], dtype=float)
     times = peak_times(live, sizes, _PEAKS_PER_ROW_SET)
     result = None
@@ -327,7 +334,11 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
     for p in pipeline_degrees(n, layers.num_layers, c, per_node):
         size = n // p
         chunks = [tuple(order[i * size:(i + 1) * size]) for i in range(p)]
-        sub = cluster.subset(chunks[0])
+        subs = [cluster.subset(ch) for ch in chunks]
+        sub = subs[0]
+        # Stages on devices (or links) unlike the first stage's cost their layers anew.
+        kinds = [s.fingerprint() for s in subs]
+        limits = [opts.memory_limit or min(d.memory_bytes for d in s.devices) for s in subs]
         hop = _hop(cluster, chunks)
         at_p: dict[int, float] = {}  # tp degree -> best step time with p stages
         for cand in stage_candidates(sub, c):
@@ -357,6 +368,9 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
                 exact, _ = evaluate(solved.problem, solved.result.choice, live, aliased)
                 act_scale[tp] = costs.calibrated(exact.peak_memory).act_scale
             costs = dataclasses.replace(costs, act_scale=act_scale[tp])
+            per_stage = _stage_costs(costs, solved, view, live, subs, kinds, layers, dp_axes,
+                                     in_place, opts, grouping, shared,
+                                     _typical_microbatches(view, cand, p))
             # The stage plan's own speed (compute and collectives of all layers, memory
             # aside): what the tp degree is compared on for pruning (below).
             at_p[tp_size] = float(costs.forward.sum() + costs.backward.sum() +
@@ -369,7 +383,7 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
                            f"batch of {costs.batch}")
                 continue
             choice = best_pipeline(
-                costs, p, limit, hop,
+                per_stage, p, limits, hop,
                 schedules=(c.schedule,) if c.schedule else SCHEDULES,
                 remats=(c.remat,) if c.remat else ("none", "full"),
                 zeros=(c.zero,) if c.zero is not None else ((0, 1, 3) if dp > 1 else (0,)),
@@ -379,10 +393,13 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
             if progress:
                 progress(f"{label}: " + ("no split fits" if choice is None else
                                          f"{choice.step_time * 1e3:.3f} ms"))
+            if choice is not None and any(m > lim * (1 + 1e-9) for m, lim in
+                                          zip(choice.stage_memory, limits)):
+                choice = None  # interleaved chunks can overfill a device; never returned
             if choice is None:
                 why.append(f"{label}: no split of the layers fits {_bytes(limit)} per device")
                 continue
-            cost = _pipeline_cost(costs, choice, solved)
+            cost = _pipeline_cost(costs, choice)
             runs.append((label, dataclasses.replace(
                 solved, cost=cost, pipeline=choice,
                 stage_order=tuple(d for ch in chunks
@@ -396,6 +413,28 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
             best = min(at_p.values())
             dropped |= {t for t, x in at_p.items() if x > _TP_PRUNE_MARGIN * best}
     return runs
+
+
+def _stage_costs(costs, solved: Solved, view, live, subs, kinds, layers, dp_axes, in_place,
+                 opts: SearchOptions, grouping, shared, weight_moves) -> list:
+    """Per-stage layer costs: the first stage's plan (same layouts on every stage, as the
+    runtime applies one plan to all) re-costed on each unlike stage's devices and links,
+    e.g. an older GPU generation: its layers take longer, so the split gives it fewer."""
+    by_kind = {kinds[0]: costs}
+    cand, choice = solved.candidate, solved.result.choice
+    for sub, kind in zip(subs, kinds):
+        if kind in by_kind:
+            continue
+        problem = _problem(view, sub, cand, Constraints(zero=0, tp_params=True), opts,
+                           grouping, shared, weight_moves)
+        # Strategies are enumerated from the mesh shape and the graph alone, so the
+        # solved choice indexes the same strategies on any devices.
+        assert [len(x) for x in problem.strategies] == \
+            [len(x) for x in solved.problem.strategies]
+        other = layer_costs(problem, choice, assign(problem, choice), layers, live, dp_axes,
+                            in_place)
+        by_kind[kind] = dataclasses.replace(other, act_scale=costs.act_scale)
+    return [by_kind[k] for k in kinds]
 
 
 def _typical_microbatches(view, cand: MeshCandidate, p: int) -> float:
@@ -414,7 +453,7 @@ def _stage_ids(positions, chunk) -> tuple[int, ...]:
     return tuple(chunk[k] for k in positions)
 
 
-def _pipeline_cost(costs, pc: PipelineChoice, solved: Solved) -> Cost:
+def _pipeline_cost(costs, pc: PipelineChoice) -> Cost:
     """The Cost record of a pipelined plan (per device of the busiest stage)."""
     p = len(pc.stages) // pc.virtual_stages
     per_device_flops, per_device_sent = [0.0] * p, [0.0] * p
@@ -483,7 +522,7 @@ def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraint
             base_runs.append((name, solve_candidate(view, live, cluster, cand, bc, options,
                                                     aliased, limit, grouping, shared)))
     fits = [(l, s) for l, s in runs if s.cost.peak_memory <= limit]
-    fits += [(l, s) for l, s in pipes if s.cost.peak_memory <= limit]
+    fits += pipes  # each stage already fits its own devices' memory (_pipelined)
     # Hand rules are points of the planner's own search space: if the ILP stopped short of
     # one of them (time limit), that point is the better plan and is taken.
     fits += [("rule:" + l, s) for l, s in base_runs if s.cost.peak_memory <= limit
@@ -569,17 +608,34 @@ def estimate_plan(graph: Graph, plan: Plan, cluster: Cluster,
                   options: SearchOptions = SearchOptions(), *, pairs=None,
                   donated: frozenset[int] = frozenset()) -> Cost:
     """Cost of a fixed plan's mesh, placement and layouts on `cluster` (any device count)."""
-    if cluster.num_devices != math.prod(plan.mesh_shape):
-        raise ValueError(f"the plan uses {math.prod(plan.mesh_shape)} devices; cluster "
+    if cluster.num_devices != len(plan.device_order):
+        raise ValueError(f"the plan uses {len(plan.device_order)} devices; cluster "
                          f"{cluster.name!r} has {cluster.num_devices}. Re-plan for it instead.")
     pairs = pairs or {}
     view = build_view(graph, pairs)
     live = liveness(view)
+    aliased = frozenset(pairs[v] for v in donated if v in pairs)
+    if plan.stages:
+        return _estimate_pipelined(view, live, plan, cluster, options, pairs, aliased)
     mesh = LogicalMesh(plan.mesh_shape, plan.device_order)
+    problem = _fixed_problem(view, cluster, mesh, options)
+    cost, _ = evaluate(problem, _plan_choice(problem, plan), live, aliased, plan.axis_names)
+    return cost
+
+
+def _fixed_problem(view, cluster: Cluster, mesh: LogicalMesh, options: SearchOptions,
+                   weight_moves: float = 1.0):
+    """The ILP data of `mesh` with one class per group: a fixed plan's layouts are read
+    group by group, as the plan may give identical layers different layouts."""
     device = _slowest(cluster, mesh.device_ids)
     rs_as_ar = all(cluster.devices[i].kind == "cpu" for i in mesh.device_ids)
-    problem = build_problem(view, CommModel(cluster, mesh), device, options.efficiency,
-                            Restrictions(), tie=False, rs_as_ar=rs_as_ar)
+    return build_problem(view, CommModel(cluster, mesh), device, options.efficiency,
+                         Restrictions(), tie=False, rs_as_ar=rs_as_ar,
+                         weight_moves=weight_moves)
+
+
+def _plan_choice(problem, plan: Plan) -> tuple[int, ...]:
+    """Per class, the strategy that reproduces the plan's layouts (ties: the cheaper)."""
     choice = []
     for c, members in enumerate(problem.classes):
         g = problem.groups[members[0]]
@@ -590,11 +646,41 @@ def estimate_plan(graph: Graph, plan: Plan, cluster: Cluster,
             pinned = plan.op_inputs.get(node.id) if node is not None and k >= 0 else None
             want_slots.append(pinned[k] if pinned is not None else
                               plan.value_layouts.get(g.members[mi].outputs[0] if k < 0 else v))
-        # The strategy that reproduces the plan's layouts (ties: the cheaper one).
         scores = [(sum(w == lay for w, lay in zip(want, s.produced)) +
                    sum(w == lay for w, lay in zip(want_slots, s.slots)), -s.time)
                   for s in problem.strategies[c]]
         choice.append(max(range(len(scores)), key=scores.__getitem__))
-    aliased = frozenset(pairs[v] for v in donated if v in pairs)
-    cost, _ = evaluate(problem, tuple(choice), live, aliased, plan.axis_names)
-    return cost
+    return tuple(choice)
+
+
+def _estimate_pipelined(view, live, plan: Plan, cluster: Cluster, options: SearchOptions,
+                        pairs, aliased) -> Cost:
+    """A pipelined plan re-costed on `cluster`: each stage's layouts on its own devices,
+    cut into layers, under the plan's split, schedule, microbatches and memory choices."""
+    ps = plan.pipeline
+    p = len(plan.stages) // ps.virtual_stages
+    chunks = [plan.stages[k].device_ids for k in range(p)]
+    layers = find_layers(view, pairs)
+    if layers is None or layers.num_layers != plan.stages[-1].layers[1]:
+        raise ValueError("the plan's pipeline stages do not match this step's layers; "
+                         "re-plan it for this step.")
+    subs = [cluster.subset(ch) for ch in chunks]
+    mesh = LogicalMesh(plan.mesh_shape, tuple(range(len(chunks[0]))))
+    dp_axes = tuple(i for i, a in enumerate(plan.axis_names) if a.startswith("dp"))
+    in_place = frozenset(v for v, out in pairs.items() if out in aliased)
+    by_kind: dict[str, object] = {}
+    per_stage = []
+    for sub in subs:
+        kind = sub.fingerprint()
+        if kind not in by_kind:
+            problem = _fixed_problem(view, sub, mesh, options, float(ps.microbatches))
+            choice = _plan_choice(problem, plan)
+            costs = layer_costs(problem, choice, assign(problem, choice), layers, live,
+                                dp_axes, in_place)
+            exact, _ = evaluate(problem, choice, live, aliased)
+            by_kind[kind] = costs.calibrated(exact.peak_memory)
+        per_stage.append(by_kind[kind])
+    setting = Setting(p, ps.microbatches, ps.schedule, ps.virtual_stages, ps.remat, ps.zero)
+    pc = evaluate_split(per_stage, setting, [s.layers for s in plan.stages],
+                        _hop(cluster, chunks))
+    return _pipeline_cost(per_stage[0], pc)
