@@ -415,6 +415,22 @@ class Cluster:
         return cls(devices=(CPU,) * n, node_of=(0,) * n,
                    tiers=(LinkTier("local", 10e9, 5e-6),), name="local")
 
+    @classmethod
+    def calibrate(cls, devices: Sequence[Any] | None = None, **options: Any) -> Cluster:
+        """This process's devices (default ``jax.devices()``), measured instead of assumed.
+
+        Times copies between every ordered pair of devices (fitted to latency and
+        bandwidth, stored as per-pair overrides with their medians as the one tier), each
+        device's matmul rate and memory bandwidth, and reads its memory size. Keyword
+        options (``sizes``, ``repeats``, ``matmul_size``, ``stream_bytes``, ``quick``,
+        ``name``, ``progress``) and what each number means are documented on
+        :func:`meshplan.costmodel._calibrate.calibrate`. ``meshplan calibrate`` does the
+        same from the command line and saves the file; ``Cluster.load`` reads it back.
+        """
+        from meshplan.costmodel._calibrate import calibrate  # lazily: it imports jax
+
+        return calibrate(devices, **options)
+
     # -- JSON ------------------------------------------------------------------------------
 
     def _doc(self) -> dict[str, Any]:

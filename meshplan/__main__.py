@@ -1,11 +1,15 @@
-"""The `meshplan` command line: `meshplan demo` plans, runs and checks an example model.
+"""The `meshplan` command line: `meshplan demo` plans, runs and checks an example model;
+`meshplan calibrate` measures the local devices into a cluster file; `meshplan validate`
+checks one.
 
     $ meshplan demo                      # GPT on 8 CPU-emulated devices, 3 training steps
     $ meshplan demo --model mlp --steps 5 --devices 4 --time-limit 2
     $ python -m meshplan demo
+    $ meshplan calibrate --devices 8 --out cluster.json [--quick]
+    $ meshplan validate cluster.json
 
-The demo sets the number of CPU devices before JAX starts its backend, so it must run in a
-fresh process (or in one whose JAX already has exactly `--devices` devices).
+`--devices` sets the number of CPU devices before JAX starts its backend, so those commands
+must run in a fresh process (or in one whose JAX already has exactly `--devices` devices).
 """
 from __future__ import annotations
 
@@ -70,6 +74,35 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--time-limit", type=_positive_float, default=3.0,
                       help="seconds per ILP solve (default: %(default)s)")
     demo.set_defaults(run=_demo)
+
+    cal = sub.add_parser(
+        "calibrate", help="measure the local devices and the links between them, and write "
+                          "a cluster JSON file that plans can use",
+        description="Time copies between every ordered pair of local devices (latency and "
+                    "bandwidth), each device's matmul rate and memory bandwidth, write the "
+                    "result as a cluster JSON file (mp.Cluster.load reads it; edit it by "
+                    "hand if you like, then check it with `meshplan validate`), and load it "
+                    "back to validate it.")
+    cal.add_argument("--devices", type=_positive_int, default=None,
+                     help="emulate this many CPU devices and calibrate them (as the demo "
+                          "does); default: calibrate the devices JAX finds "
+                          "(jax.devices(): the GPUs or TPUs where present)")
+    cal.add_argument("--out", default="cluster.json",
+                     help="cluster file to write (default: %(default)s)")
+    cal.add_argument("--name", default="calibrated",
+                     help="the cluster's name (default: %(default)s)")
+    cal.add_argument("--quick", action="store_true",
+                     help="fewer repeats and smaller messages and matmuls: about a second "
+                          "instead of a few, and noisier")
+    cal.set_defaults(run=_calibrate)
+
+    val = sub.add_parser(
+        "validate", help="check a (hand-edited) cluster JSON file",
+        description="Load a cluster JSON file with mp.Cluster.load, which checks every "
+                    "field, and print the cluster, or the error naming the field at fault "
+                    "(exit status 1).")
+    val.add_argument("file", help="cluster JSON file")
+    val.set_defaults(run=_validate)
     return parser
 
 
@@ -90,7 +123,7 @@ def _positive_float(text: str) -> float:
 # ----------------------------------------------------------------------------------- demo
 
 
-def _set_cpu_devices(n: int) -> str | None:
+def _set_cpu_devices(n: int, command: str = "demo") -> str | None:
     """Ask JAX for `n` CPU devices; an error message if its backend already has others."""
     jax.config.update("jax_platforms", "cpu")
     try:
@@ -99,9 +132,9 @@ def _set_cpu_devices(n: int) -> str | None:
         pass  # the backend is running already: fine if it has the devices we want
     have = len(jax.devices())
     if have != n:
-        return (f"meshplan demo: JAX already started with {have} devices, so --devices {n} "
-                "cannot take effect; run the demo in a fresh process (e.g. `meshplan demo`), "
-                f"or pass --devices {have}.")
+        return (f"meshplan {command}: JAX already started with {have} devices, so --devices "
+                f"{n} cannot take effect; run it in a fresh process (e.g. `meshplan "
+                f"{command}`), or pass --devices {have}.")
     return None
 
 
@@ -196,6 +229,86 @@ def _bytes(x: float) -> str:
 
 def _flops(x: float) -> str:
     return f"{x:.4e}"
+
+
+# ------------------------------------------------------------------------------ calibrate
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    if args.devices is not None:
+        error = _set_cpu_devices(args.devices, "calibrate")  # before any JAX computation
+        if error:
+            print(error, file=sys.stderr)
+            return 2
+
+    import meshplan as mp
+
+    out = functools.partial(print, flush=True)
+    devices = jax.devices()
+    out(f"Calibrating {len(devices)} {devices[0].platform} device(s)"
+        f"{' (quick)' if args.quick else ''} ...")
+    t = time.perf_counter()
+    try:
+        cluster = mp.Cluster.calibrate(devices, quick=args.quick, name=args.name,
+                                       progress=lambda msg: out("  " + msg))
+    except ValueError as e:  # e.g. an empty --name
+        print(f"meshplan calibrate: {e}", file=sys.stderr)
+        return 2
+    out(f"  done in {time.perf_counter() - t:.1f} s\n")
+    out(_calibration_table(cluster))
+
+    try:
+        cluster.save(args.out)
+    except OSError as e:  # e.g. the folder does not exist: the table above is still shown
+        print(f"meshplan calibrate: cannot write {args.out}: {e}", file=sys.stderr)
+        return 1
+    try:
+        loaded = mp.Cluster.load(args.out)
+    except ValueError as e:  # would be a bug: calibrate built the cluster with checks
+        print(f"meshplan calibrate: wrote {args.out}, but it does not load back: {e}",
+              file=sys.stderr)
+        return 1
+    same = "identical to the measurement" if loaded == cluster else "BUT DIFFERENT"
+    out(f"\nWrote {args.out}; loaded it back with mp.Cluster.load: valid, {same}.")
+    out(f"  {loaded!r}")
+    out(f"Use it with mp.auto_parallel(step, cluster=mp.Cluster.load({str(args.out)!r})).")
+    return 0 if loaded == cluster else 1
+
+
+def _calibration_table(cluster) -> str:
+    """Per-device rates, then link bandwidth and latency over all ordered pairs."""
+    lines = [f"  {'device':>6}  {'kind':<24} {'matmul float32':>16} {'memory bw':>12} "
+             f"{'memory':>12}"]
+    for i, d in enumerate(cluster.devices):
+        lines.append(f"  {i:>6}  {d.kind:<24} "
+                     f"{d.flops_per_second('float32') / 1e9:>10.3g} GFLOP/s "
+                     f"{d.memory_bandwidth / 1e9:>7.3g} GB/s {_bytes(d.memory_bytes):>12}")
+    n = cluster.num_devices
+    links = [cluster.link(i, j) for i in range(n) for j in range(n) if i != j]
+    if not links:
+        lines.append("  links: none (a single device never communicates)")
+        return "\n".join(lines)
+    bw = np.array([b for b, _ in links])
+    lat = np.array([a for _, a in links])
+    title = f"links ({len(links)} ordered pairs)"
+    lines.append(f"\n  {title:<28}{'median':>12} {'min':>12} {'max':>12}")
+    lines.append(f"  {'bandwidth (GB/s)':<28}{np.median(bw) / 1e9:>12.3g} "
+                 f"{bw.min() / 1e9:>12.3g} {bw.max() / 1e9:>12.3g}")
+    lines.append(f"  {'latency (us)':<28}{np.median(lat) * 1e6:>12.3g} "
+                 f"{lat.min() * 1e6:>12.3g} {lat.max() * 1e6:>12.3g}")
+    return "\n".join(lines)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from meshplan.costmodel import Cluster  # no JAX computation: validation is pure
+
+    try:
+        cluster = Cluster.load(args.file)
+    except (OSError, ValueError) as e:
+        print(f"meshplan validate: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: valid\n  {cluster!r}")
+    return 0
 
 
 if __name__ == "__main__":
