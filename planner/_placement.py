@@ -144,7 +144,7 @@ def order_cost(cluster: Cluster, shape: tuple[int, ...], order: Sequence[int],
 
 
 def improve_order(cluster: Cluster, shape: tuple[int, ...], order: Sequence[int],
-                  traffic: Sequence[Traffic], max_evaluations: int = 400
+                  traffic: Sequence[Traffic], max_evaluations: int = 200
                   ) -> tuple[tuple[int, ...], float]:
     """First-improvement pair swaps on `order` for `traffic`; (best order, its seconds).
 

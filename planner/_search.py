@@ -34,6 +34,8 @@ _SMALL_CLUSTER_NODES = 4
 # count is dropped for larger ones (see _pipelined).
 _TP_PRUNE_MARGIN = 1.25
 _PEAKS_PER_ROW_SET = 3
+# With measured pair links, this many of the fastest meshes get a placement search.
+_PLACEMENT_SEARCHES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -507,12 +509,19 @@ def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraint
     for cand in (candidates(cluster, constraints) if constraints.pp in (None, 1) else []):
         solved = solve_candidate(view, live, cluster, cand, constraints, options, aliased, limit,
                                  grouping, shared)
-        solved = _improve_placement(solved, view, live, cluster, constraints, options, aliased,
-                                    limit, grouping, shared, progress)
         runs.append((cand.label, solved))
         if progress:
             progress(f"mesh {cand.label}: {solved.cost.step_time * 1e3:.3f} ms "
                      f"({solved.result.status}, {solved.result.wall_time:.2f} s)")
+    # Placement search on the most promising meshes only: it re-times every collective per
+    # swap tried and re-solves the ILP, and a slow mesh seldom overtakes the best by
+    # placement alone.
+    ranked = sorted(range(len(runs)), key=lambda k: (runs[k][1].cost.peak_memory > limit,
+                                                     runs[k][1].cost.step_time))
+    for k in ranked[:_PLACEMENT_SEARCHES]:
+        runs[k] = (runs[k][0], _improve_placement(runs[k][1], view, live, cluster,
+                                                  constraints, options, aliased, limit,
+                                                  grouping, shared, progress))
     why: list[str] = []  # why pipeline candidates were dropped, for the error below
     pipes = _pipelined(view, live, cluster, constraints, options, aliased, limit, grouping,
                        pairs, progress, shared, why)
