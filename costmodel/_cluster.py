@@ -395,6 +395,21 @@ class Cluster:
             name=self.name if name is None else name,
         )
 
+    def tiers_only(self) -> Cluster:
+        """This cluster as a planner that knows one bandwidth per tier would see it.
+
+        Measured pair overrides are dropped and sites are merged (links between sites get
+        the inter-node tier); devices and nodes are kept. For comparisons: a plan made for
+        this view and re-costed on the real cluster shows what link awareness is worth.
+
+        >>> from meshplan.costmodel import dgx_a100
+        >>> c = dgx_a100(nodes=2)
+        >>> c.tiers_only() == c
+        True
+        """
+        return Cluster(devices=self.devices, node_of=self.node_of, tiers=self.tiers[:2],
+                       name=self.name)
+
     @classmethod
     def local(cls) -> Cluster:
         """This process's ``jax.devices()``, described with rough CPU-emulation numbers.
