@@ -47,7 +47,7 @@ def _gpt(small: bool):
     from meshplan.examples import make
 
     if small:  # an edge-sized model
-        return make("gpt", layers=4, hidden=256, heads=8, seq=128, batch=16, vocab=2048,
+        return make("gpt", layers=4, hidden=256, heads=8, seq=128, batch=256, vocab=2048,
                     abstract=True)
     return make("gpt", layers=8, hidden=1024, heads=16, seq=512, batch=32, vocab=8192,
                 abstract=True, dtype="bfloat16")

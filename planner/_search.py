@@ -159,7 +159,10 @@ def _restrictions(names: tuple[str, ...] | None, c: Constraints,
 
 
 def _role_names(problem, assignment, shape) -> tuple[str, ...]:
-    """Name axes by what they do: "dp" if it splits the data's batch (dim 0), else "tp"."""
+    """Name axes by what they do: "dp" if it splits the data's batch (dim 0), "rep" if it
+    splits nothing (its devices all compute the same: cheaper than any communication on
+    very slow links), else "tp"."""
+    used = {a for lay in assignment.value_layout.values() for dim in lay for a in dim}
     data_axes = set()
     for g in problem.groups:
         lead = g.leader
@@ -169,7 +172,7 @@ def _role_names(problem, assignment, shape) -> tuple[str, ...]:
                 data_axes.update(lay[0])
     names = []
     for a in range(len(shape)):
-        base = "dp" if a in data_axes else "tp"
+        base = "dp" if a in data_axes else "tp" if a in used or shape[a] == 1 else "rep"
         name = base if base not in names else f"{base}{sum(n.startswith(base) for n in names) + 1}"
         names.append(name)
     return tuple(names)
