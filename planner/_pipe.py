@@ -295,6 +295,7 @@ class PipelineChoice:
     p2p_bytes: float  # bytes the busiest sender sends to its neighbours per step
     stage_memory: tuple[float, ...]  # per device of each of the p stages
     stage_time: tuple[float, ...]  # per stage, seconds per microbatch (forward + backward)
+    recompute: tuple[bool, ...] = ()  # remat="layers": per layer, whether it is recomputed
 
     @property
     def peak_memory(self) -> float:
@@ -311,6 +312,16 @@ class Setting:
     v: int
     remat: str
     zero: int
+    recompute: tuple[bool, ...] = ()  # remat="layers": per layer, whether it is recomputed
+
+
+def _recomputed(s: Setting, n: int) -> np.ndarray:
+    """Per layer, whether its forward pass is recomputed in the backward under `s`."""
+    if s.remat == "full":
+        return np.ones(n, dtype=bool)
+    if s.remat == "layers":
+        return np.asarray(s.recompute, dtype=bool)
+    return np.zeros(n, dtype=bool)
 
 
 def _tables(c: LayerCosts, s: Setting):
@@ -319,8 +330,8 @@ def _tables(c: LayerCosts, s: Setting):
     dp = c.dp_size
     f = c.forward / s.m + (c.forward_fixed if c.forward_fixed is not None else 0.0)
     b = c.backward / s.m + (c.backward_fixed if c.backward_fixed is not None else 0.0)
-    if s.remat == "full":
-        b = b + f  # the forward pass again, inside the backward
+    rm = _recomputed(s, c.num_layers)
+    b = b + np.where(rm, f, 0.0)  # the forward pass again, inside the backward
     weights = c.weights - (c.weights_dp * (1 - 1 / dp) if s.zero >= 3 else 0.0)
     opt = c.opt_state - (c.opt_state_dp * (1 - 1 / dp) if s.zero >= 1 else 0.0)
     if s.zero >= 3 and dp > 1:
@@ -330,9 +341,10 @@ def _tables(c: LayerCosts, s: Setting):
     # state the step does not update in place.
     outputs = c.outputs * (weights + opt).sum() / max((c.weights + c.opt_state).sum(), 1.0)
     held = 2 * weights + opt + outputs
-    act = c.act_scale * (c.inputs if s.remat == "full" else c.saved) / s.m
-    # An op's input and its output of the largest size are live together.
-    work = c.act_scale * (2 * c.working + (c.saved if s.remat == "full" else 0.0)) / s.m
+    act = c.act_scale * np.where(rm, c.inputs, c.saved) / s.m
+    # An op's input and its output of the largest size are live together; a recomputed
+    # layer also rebuilds its saved activations while its backward runs.
+    work = c.act_scale * (2 * c.working + np.where(rm, c.saved, 0.0)) / s.m
     return f, b, c.step, held, act, work
 
 
@@ -472,7 +484,44 @@ def evaluate_split(c, s: Setting, pieces, hop) -> PipelineChoice:
     slow = max(range(s.p), key=lambda d: fwd[d] + bwd[d])
     return PipelineChoice(tuple(pieces), s.m, s.schedule, s.v, s.remat, s.zero,
                           pt.step_time + max(once), pt.bubble, sends[slow] * s.m, max(once),
-                          max(sent_bytes), mem, tuple(x + y for x, y in zip(fwd, bwd)))
+                          max(sent_bytes), mem, tuple(x + y for x, y in zip(fwd, bwd)),
+                          s.recompute)
+
+
+def selective(c, s: Setting, pieces, limit) -> Setting | None:
+    """Per-layer recomputation for a split that fits with every layer recomputed: keep the
+    activations of the layers whose recomputation costs the most time per byte saved, as
+    long as each device's memory allows (Korthikanti et al., "Reducing Activation
+    Recomputation in Large Transformer Models", 2022, recompute selectively for the same
+    reason). None when that is every layer or none (the "full" and "none" settings)."""
+    cs = _per_stage(c, s.p)
+    limits = list(limit) if isinstance(limit, (list, tuple)) else [limit] * s.p
+    n = cs[0].num_layers
+    full = dataclasses.replace(s, remat="full", recompute=())
+    none = dataclasses.replace(s, remat="none", recompute=())
+    flight = in_flight(s.p, s.m, s.schedule, s.v)
+    rm = np.ones(n, dtype=bool)
+    for d in range(s.p):
+        mine = [l for k, (a, b) in enumerate(pieces) if k % s.p == d for l in range(a, b)]
+        _, b_none, _, held, act_none, work_none = _tables(cs[d], none)
+        _, b_full, _, _, act_full, work_full = _tables(cs[d], full)
+        gain = b_full - b_none  # seconds per microbatch saved by keeping the activations
+        extra = flight[d] * (act_none - act_full)  # bytes that keeping them costs
+        order = sorted(mine, key=lambda l: -gain[l] / max(extra[l], 1.0))
+        held_d = float(held[mine].sum())
+
+        def memory(mask):
+            act = np.where(mask[mine], act_full[mine], act_none[mine])
+            work = np.where(mask[mine], work_full[mine], work_none[mine])
+            return held_d + flight[d] * float(act.sum()) + float(work.max())
+
+        for l in order:
+            rm[l] = False
+            if memory(rm) > limits[d]:
+                rm[l] = True
+    if rm.all() or not rm.any():
+        return None
+    return dataclasses.replace(s, remat="layers", recompute=tuple(bool(x) for x in rm))
 
 
 def microbatch_counts(per_replica: int, p: int, limit: int = 6) -> list[int]:
@@ -504,7 +553,16 @@ def best_pipeline(c, p: int, limit, hop, *, schedules, remats, zeros,
                 for remat in remats:
                     for zero in zeros:
                         s = Setting(p, m, sched, v, remat, zero)
-                        stages = split(c, s, limit)
+                        if remat == "layers":
+                            # The split that fits with every layer recomputed, then the
+                            # layers whose activations still fit are kept.
+                            s = dataclasses.replace(s, remat="full")
+                            stages = split(c, s, limit)
+                            s = stages and selective(c, s, stages, limit)
+                            if not s:
+                                continue
+                        else:
+                            stages = split(c, s, limit)
                         if stages is None:
                             continue
                         got = evaluate_split(c, s, stages, hop)

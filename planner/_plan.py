@@ -29,8 +29,9 @@ class Constraints:
       num_microbatches: microbatches per step in a pipeline (the global batch is fixed).
       schedule: "gpipe", "1f1b" or "interleaved"; virtual_stages: chunks per device for
         the interleaved schedule.
-      remat: "none" or "full" (each layer's forward pass recomputed in the backward, so
-        only its input is kept); pipelines only.
+      remat: "none", "full" (each layer's forward pass recomputed in the backward, so
+        only its input is kept) or "layers" (some layers recomputed: those whose
+        activations do not fit); pipelines only.
 
     >>> Constraints(tp=4, dp=2)
     Constraints(tp=4, dp=2, mesh_shape=None, zero=None, tp_params=None, pp=None, num_microbatches=None, schedule=None, virtual_stages=None, remat=None)
@@ -57,9 +58,11 @@ class Constraints:
         from meshplan.costmodel import SCHEDULES
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise ValueError(f"Constraints.schedule={self.schedule!r}; choose one of {SCHEDULES}.")
-        if self.remat not in (None, "none", "full"):
-            raise ValueError(f"Constraints.remat={self.remat!r}; choose 'none' or 'full' "
-                             "(recompute each layer's forward pass in the backward).")
+        if self.remat not in (None, "none", "full", "layers"):
+            raise ValueError(f"Constraints.remat={self.remat!r}; choose 'none', 'full' "
+                             "(recompute each layer's forward pass in the backward) or "
+                             "'layers' (recompute only the layers whose activations do not "
+                             "fit).")
         if self.virtual_stages not in (None, 1) and self.schedule not in (None, "interleaved"):
             raise ValueError(f"Constraints.virtual_stages={self.virtual_stages} needs "
                              f"schedule='interleaved' (got {self.schedule!r}).")
@@ -86,7 +89,8 @@ class PipelineSettings:
     """How a pipelined plan runs: microbatches, schedule, chunks per device, memory choices.
 
     zero: ZeRO stage over each stage's data-parallel axis (0 none, 1 optimizer state,
-    3 weights and gradients too).
+    3 weights and gradients too). remat: "none", "full" or "layers" (then `recompute`
+    lists the layers whose forward pass is recomputed in the backward).
     """
 
     microbatches: int
@@ -94,6 +98,7 @@ class PipelineSettings:
     virtual_stages: int = 1
     remat: str = "none"
     zero: int = 0
+    recompute: tuple[int, ...] = ()  # remat="layers": the layers recomputed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +208,9 @@ class Plan:
                          f"{pp.microbatches} microbatches, "
                          f"schedule {pp.schedule}" +
                          (f" x{pp.virtual_stages} chunks" if pp.virtual_stages > 1 else "") +
-                         f", remat {pp.remat}, ZeRO-{pp.zero}; layer 0 is the embedding "
+                         f", remat {pp.remat}" +
+                         (f" (layers {list(pp.recompute)})" if pp.remat == "layers" else "") +
+                         f", ZeRO-{pp.zero}; layer 0 is the embedding "
                          "('pre'), the last the head and loss ('post')")
             for i, st in enumerate(self.stages):
                 lines.append(f"    {'chunk' if pp.virtual_stages > 1 else 'stage'} {i}: "
@@ -307,7 +314,7 @@ class Plan:
                 stages=tuple(Stage(tuple(s["layers"]), tuple(s["device_ids"]),
                                    tuple(s["mesh_shape"])) for s in d.get("stages", [])),
                 pipeline=None if d.get("pipeline") is None else
-                PipelineSettings(**d["pipeline"]),
+                _pipeline_from(d["pipeline"]),
                 alternatives=tuple(_alt_from(a) for a in d.get("alternatives", [])),
                 baselines=tuple(_alt_from(a) for a in d.get("baselines", [])),
                 solver=tuple(d.get("solver", {}).items()),
@@ -406,3 +413,8 @@ def _from_jsonable(x):
 def _treedef_from(x):
     import jax
     return jax.tree_util.tree_structure(_from_jsonable(x))
+
+
+def _pipeline_from(d: dict) -> PipelineSettings:
+    """PipelineSettings from JSON (lists back to tuples)."""
+    return PipelineSettings(**{**d, "recompute": tuple(d.get("recompute", ()))})

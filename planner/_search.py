@@ -18,8 +18,8 @@ from meshplan.planner._memory import liveness, memory_rows, peak_times
 from meshplan.planner._mesh import CommModel, LogicalMesh, factorizations
 from meshplan.planner._ops import POp, batch_dims, build_view
 from meshplan.planner._layers import Layers, find_layers
-from meshplan.planner._pipe import (PipelineChoice, Setting, best_pipeline, evaluate_split,
-                                    layer_costs)
+from meshplan.planner._pipe import (PipelineChoice, Setting, _recomputed, best_pipeline,
+                                    evaluate_split, layer_costs)
 from meshplan.planner._placement import improve_order, plan_traffic, topology_order
 from meshplan.planner._plan import Alternative, Constraints, PipelineSettings, Plan, Stage
 from meshplan.planner._problem import Restrictions, build_problem, group_view
@@ -390,7 +390,7 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
             choice = best_pipeline(
                 per_stage, p, limits, hop,
                 schedules=(c.schedule,) if c.schedule else SCHEDULES,
-                remats=(c.remat,) if c.remat else ("none", "full"),
+                remats=(c.remat,) if c.remat else ("none", "full", "layers"),
                 zeros=(c.zero,) if c.zero is not None else ((0, 1, 3) if dp > 1 else (0,)),
                 microbatches=c.num_microbatches,
                 virtual=(c.virtual_stages,) if c.virtual_stages else (2,))
@@ -463,8 +463,10 @@ def _pipeline_cost(costs, pc: PipelineChoice) -> Cost:
     p = len(pc.stages) // pc.virtual_stages
     per_device_flops, per_device_sent = [0.0] * p, [0.0] * p
     for k, (a, z) in enumerate(pc.stages):  # chunk k runs on stage k mod p's devices
+        again = _recomputed(Setting(p, pc.microbatches, pc.schedule, pc.virtual_stages,
+                                    pc.remat, pc.zero, pc.recompute), len(costs.flops))
         per_device_flops[k % p] += float(costs.flops[a:z].sum()) + \
-            (float(costs.forward_flops[a:z].sum()) if pc.remat == "full" else 0.0)
+            float(costs.forward_flops[a:z][again[a:z]].sum())
         per_device_sent[k % p] += float(costs.sent[a:z].sum())
     flops = max(per_device_flops)
     busy = pc.step_time - pc.bubble - pc.step_work
@@ -600,7 +602,7 @@ def _to_plan(graph, cluster, best: Solved, view, out_values, in_treedef, out_tre
         stages = tuple(Stage(layers, tuple(order[(k % p) * chunk:(k % p + 1) * chunk]),
                              best.candidate.mesh.shape) for k, layers in enumerate(pc.stages))
         settings = PipelineSettings(pc.microbatches, pc.schedule, pc.virtual_stages, pc.remat,
-                                    pc.zero)
+                                    pc.zero, tuple(i for i, r in enumerate(pc.recompute) if r))
     solver = (("status", r.status), ("gap", r.gap), ("ilp_seconds", r.wall_time),
               ("plan_seconds", time_spent), ("classes", len(problem.classes)),
               ("groups", len(problem.groups)))
@@ -692,7 +694,9 @@ def _estimate_pipelined(view, live, plan: Plan, cluster: Cluster, options: Searc
             exact, _ = evaluate(problem, choice, live, aliased)
             by_kind[kind] = costs.calibrated(exact.peak_memory)
         per_stage.append(by_kind[kind])
-    setting = Setting(p, ps.microbatches, ps.schedule, ps.virtual_stages, ps.remat, ps.zero)
+    n = layers.num_layers
+    setting = Setting(p, ps.microbatches, ps.schedule, ps.virtual_stages, ps.remat, ps.zero,
+                      tuple(i in ps.recompute for i in range(n)) if ps.remat == "layers" else ())
     pc = evaluate_split(per_stage, setting, [s.layers for s in plan.stages],
                         _hop(cluster, chunks))
     return _pipeline_cost(per_stage[0], pc)

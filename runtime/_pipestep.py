@@ -9,8 +9,9 @@ step that way, with no change to the step:
    layer; a layer's stage comes from `plan.stages`. Each (pass, stage) becomes a program,
    jitted on that stage's submesh, with the stage's parameters laid out as the plan says
    (data and tensor parallelism inside the stage come from those layouts).
-   With full recomputation (`remat="full"`) a stage's backward program runs its forward
-   ops again, so only stage inputs are kept between a microbatch's passes.
+   With recomputation (`remat="full"`, or `"layers"` for some layers) a stage's backward
+   program runs the forward ops of its recomputed layers again, so only their inputs are
+   kept between a microbatch's passes.
 3. The programs run in the order of the plan's schedule (`schedule_table`: GPipe, 1F1B or
    interleaved 1F1B): a forward program of stage k for microbatch i after stage k-1's,
    a backward after stage k+1's. Values crossing stages are sent to the receiving
@@ -170,14 +171,19 @@ class PipelinedStep:
             else:
                 merged[key] = pr
                 order.append(pr)
-        if self.plan.pipeline.remat == "full":
-            # Full recomputation: a stage's backward program runs its forward again first,
-            # so the forward program keeps only what other stages read (its output), and
-            # each microbatch holds just its stage inputs until its backward.
+        settings = self.plan.pipeline
+        if settings.remat in ("full", "layers"):
+            # Recomputation: a stage's backward program runs the forward ops of its
+            # recomputed layers again first, so the forward program keeps only what other
+            # programs still read (the stage's output, and the activations of layers that
+            # are not recomputed), and a microbatch holds little more until its backward.
+            again = None if settings.remat == "full" else set(settings.recompute)
             for pr in order:
                 fwd = merged.get(("forward", pr.stage))
                 if pr.kind == "backward" and fwd is not None:
-                    pr.nodes = fwd.nodes + pr.nodes
+                    redo = [n for n in fwd.nodes if again is None or
+                            labels.get(n.id, ("forward", 0))[1] in again]
+                    pr.nodes = redo + pr.nodes
         order += self._step_programs([n for pr in progs if pr.kind == "step" for n in pr.nodes],
                                      where)
         self.programs = order

@@ -1,4 +1,5 @@
 """Pipeline planning: layers found in traced steps, stage splits, schedules, memory choices."""
+import dataclasses
 import itertools
 import math
 
@@ -176,7 +177,7 @@ def test_a_pinned_pipeline_is_planned_with_stages_schedule_and_bubble(gpt4):
 def test_pipeline_constraints_are_checked_with_remedies():
     with pytest.raises(ValueError, match="choose one of"):
         mp.Constraints(pp=2, schedule="zigzag")
-    with pytest.raises(ValueError, match="'none' or 'full'"):
+    with pytest.raises(ValueError, match="'none', 'full'"):
         mp.Constraints(remat="some")
     with pytest.raises(ValueError, match="interleaved"):
         mp.Constraints(pp=2, schedule="1f1b", virtual_stages=2)
@@ -189,3 +190,27 @@ def test_when_nothing_fits_the_error_names_the_smallest_memory_that_would(gpt4):
                             memory_limit=1e5)
     with pytest.raises(MemoryError, match=r"smallest found needs [0-9.]+ (GiB|MiB)"):
         step.plan(*gpt4.args, compare_baselines=False)
+
+
+def test_per_layer_recomputation_fills_the_memory_between_none_and_full():
+    from meshplan.planner._pipe import best_pipeline, selective
+
+    c = _uniform(n_blocks=6, fwd=1.0, saved=10.0, held=5.0)
+    s = Setting(2, 4, "1f1b", 1, "full", 0)
+    pieces = split(c, s, limit=math.inf)
+    mem = lambda remat, **kw: evaluate_split(c, dataclasses.replace(s, remat=remat, **kw),
+                                             pieces, lambda b: 0.0)
+    none, full = mem("none"), mem("full")
+    limit = (none.peak_memory + full.peak_memory) / 2  # room for some activations
+    got = selective(c, s, pieces, limit)
+    assert got is not None and 0 < sum(got.recompute) < c.num_layers
+    some = evaluate_split(c, got, pieces, lambda b: 0.0)
+    assert some.peak_memory <= limit
+    assert none.step_time < some.step_time < full.step_time
+    # Nothing to gain when everything fits, or when nothing but full recomputation fits.
+    assert selective(c, s, pieces, none.peak_memory) is None
+    assert selective(c, s, pieces, full.peak_memory) is None
+    # The search takes it when "none" does not fit and it beats "full".
+    best = best_pipeline(c, 2, limit, lambda b: 0.0, schedules=("1f1b",),
+                         remats=("none", "full", "layers"), zeros=(0,), microbatches=4)
+    assert best.remat == "layers" and best.step_time < full.step_time

@@ -103,3 +103,23 @@ def test_a_pipelined_plan_cannot_be_compiled_as_one_program():
     plan = step.plan(*ex.args, constraints=mp.Constraints(pp=2), compare_baselines=False)
     with pytest.raises(ValueError, match="one program per stage"):
         step.compile(*ex.args, plan=plan)
+
+
+def test_recomputing_some_layers_runs_and_equals_unpipelined(gpts):
+    """remat="layers": the backward programs rerun the forward ops of those layers only."""
+    ex, ref, step = gpts[4]
+    plan = step.plan(*ex.args, constraints=mp.Constraints(pp=2, num_microbatches=4,
+                                                          schedule="1f1b", remat="full"),
+                     compare_baselines=False)
+    some = dataclasses.replace(plan, pipeline=dataclasses.replace(
+        plan.pipeline, remat="layers", recompute=(1, 4)))  # one block on each stage
+    out = step._jitted(ex.args, some)(*ex.args)
+    assert max(_rel(a, b) for a, b in zip(out, ref)) < 1e-5
+    runner = step._jitted(ex.args, some).runner
+    full = step._jitted(ex.args, plan).runner
+    size = lambda r, kind: sum(len(p.nodes) for p in r.programs if p.kind == kind)
+    # Fewer forward ops rerun than under full recomputation, but some.
+    assert size(runner, "forward") < size(runner, "backward")
+    assert size(runner, "backward") < size(full, "backward")
+    assert size(runner, "backward") > size(step._pipelined(ex.args, dataclasses.replace(
+        plan, pipeline=dataclasses.replace(plan.pipeline, remat="none"))).runner, "backward")
