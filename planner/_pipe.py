@@ -550,22 +550,29 @@ def best_pipeline(c, p: int, limit, hop, *, schedules, remats, zeros,
             for v in vs:
                 if sched == "interleaved" and (m % p or v < 2 or c0.num_layers < p * v):
                     continue
-                for remat in remats:
-                    for zero in zeros:
+                for zero in zeros:
+                    splits: dict[str, list | None] = {}
+                    for remat in sorted(remats, key=_REMAT_ORDER.index):
                         s = Setting(p, m, sched, v, remat, zero)
                         if remat == "layers":
-                            # The split that fits with every layer recomputed, then the
-                            # layers whose activations still fit are kept.
+                            # Only when keeping every activation does not fit: the split
+                            # that fits with every layer recomputed, then the layers whose
+                            # activations still fit are kept.
+                            if splits.get("none") is not None:
+                                continue
                             s = dataclasses.replace(s, remat="full")
-                            stages = split(c, s, limit)
+                            stages = splits["full"] if "full" in splits else split(c, s, limit)
                             s = stages and selective(c, s, stages, limit)
                             if not s:
                                 continue
                         else:
-                            stages = split(c, s, limit)
+                            stages = splits[remat] = split(c, s, limit)
                         if stages is None:
                             continue
                         got = evaluate_split(c, s, stages, hop)
                         if best is None or got.step_time < best.step_time:
                             best = got
     return best
+
+
+_REMAT_ORDER = ("none", "full", "layers")  # "layers" is tried knowing whether the others fit
