@@ -151,22 +151,29 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
         return layers.op_pass.get(op_id, "step"), layers.op_layer.get(op_id, 0)
 
     seen_reshard: set = set()
+    # Groups of one class run one strategy: its costs are worked out once per class and
+    # pass kind (a 96-layer model has ~100 groups per class), and each reshard once per
+    # (bytes, layouts).
+    class_costs: dict[tuple, tuple[float, float, float]] = {}
+    moved: dict[tuple, tuple[float, float]] = {}
     for g in problem.groups:
         strat = problem.strategies[g.cls][choice[g.cls]]
         phase, layer = where(g.leader.id)
         if g.leader.kind == "input" and g.leader.prim == "input":
             continue
-        own = 0.0
         batchless = not any(vdims.get(v) for v in g.produced)
-        for x, mult in strat.comms:
-            t = mult * comm.time(x.kind, x.nbytes, x.axes)
-            own += t
-            _spread(layers, layer, mult * x.bytes_sent(mesh_shape), sent)
-            if phase != "step" and batchless:
-                # A weight gradient's sum over the data-parallel devices: once per step,
-                # on the gradients accumulated over all microbatches.
-                _spread(layers, layer, t, step)
-        body = strat.time - (own if phase != "step" and batchless else 0.0)
+        per_step = phase != "step" and batchless
+        key = (g.cls, per_step)
+        if key not in class_costs:
+            own = sum(m * comm.time(x.kind, x.nbytes, x.axes) for x, m in strat.comms)
+            class_costs[key] = (own, sum(m * x.bytes_sent(mesh_shape) for x, m in strat.comms),
+                                strat.time - (own if per_step else 0.0))
+        own, sent_bytes, body = class_costs[key]
+        _spread(layers, layer, sent_bytes, sent)
+        if per_step:
+            # A weight gradient's sum over the data-parallel devices: once per step,
+            # on the gradients accumulated over all microbatches.
+            _spread(layers, layer, own, step)
         _spread(layers, layer, body, {"forward": fwd, "backward": bwd, "step": step}[phase])
         _spread(layers, layer, strat.flops, flops)
         if phase == "forward":
@@ -177,9 +184,15 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
             if have is None or have == want or key in seen_reshard:
                 continue
             seen_reshard.add(key)
-            moves = reshard(view.values[v].nbytes, have, want, mesh_shape)
-            t = sum(mult * comm.time(c.kind, c.nbytes, c.axes) for c in moves)
-            _spread(layers, layer, sum(mult * c.bytes_sent(mesh_shape) for c in moves), sent)
+            nbytes = view.values[v].nbytes
+            if (nbytes, have, want) not in moved:
+                moves = reshard(nbytes, have, want, mesh_shape)
+                moved[nbytes, have, want] = (
+                    sum(comm.time(c.kind, c.nbytes, c.axes) for c in moves),
+                    sum(c.bytes_sent(mesh_shape) for c in moves))
+            t, b = moved[nbytes, have, want]
+            t *= mult
+            _spread(layers, layer, mult * b, sent)
             if phase != "step" and batch_free(view, v):
                 # A weight moved for this pass: every microbatch moves it again.
                 _spread(layers, layer, t, fwd_fixed if phase == "forward" else bwd_fixed)
