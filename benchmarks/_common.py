@@ -104,6 +104,21 @@ def save_rows(name: str, rows: list, seconds: float, out: str | None = None) -> 
     print(f"wrote {path}")
 
 
+def run_rows(items, run, label, report, name: str, out: str | None = None) -> None:
+    """`run(item)` for each item (each returns a row with its "seconds"), saying when each
+    is done; then the tables (`report(rows, seconds)`) and results/<name>."""
+    import time
+
+    t0 = time.perf_counter()
+    rows = []
+    for item in items:
+        rows.append(run(item))
+        print(f"  {label(item)}: done in {rows[-1]['seconds']:.0f} s", flush=True)
+    seconds = time.perf_counter() - t0
+    report(rows, seconds)
+    save_rows(name, rows, seconds, out)
+
+
 def _jsonable(x):
     try:
         import numpy as np

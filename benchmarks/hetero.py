@@ -37,7 +37,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import pick, request_cpu_devices, save_rows, short_error, show_saved, table  # noqa: E402,E501
+from _common import (pick, request_cpu_devices, run_rows, short_error, show_saved,  # noqa: E402
+                     table)
 
 SCENARIOS = ("scrambled", "islands", "uneven", "mixed", "edge")
 SEED = 0  # one fixed random draw per scenario, so runs compare
@@ -208,14 +209,7 @@ def main():
         return
     names = pick(ap, args.scenarios, SCENARIOS, "scenario")
     request_cpu_devices(8)
-    t0 = time.perf_counter()
-    rows = []
-    for name in names:
-        rows.append(one(name, args.time_limit))
-        print(f"  {name}: done in {rows[-1]['seconds']:.0f} s", flush=True)
-    seconds = time.perf_counter() - t0
-    report(rows, seconds)
-    save_rows("hetero.json", rows, seconds, args.out)
+    run_rows(names, lambda n: one(n, args.time_limit), str, report, "hetero.json", args.out)
 
 
 if __name__ == "__main__":

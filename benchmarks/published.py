@@ -36,7 +36,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import pick, save_rows, short_error, show_saved, table  # noqa: E402
+from _common import pick, run_rows, short_error, show_saved, table  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,15 +154,8 @@ def main():
     if show_saved(args.show, report):
         return
     names = pick(ap, args.rows, [r.name for r in RUNS], "row")
-    t0 = time.perf_counter()
-    rows = []
-    for run in RUNS:
-        if run.name in names:
-            rows.append(one(run, args.time_limit))
-            print(f"  {run.name}: done in {rows[-1]['seconds']:.0f} s", flush=True)
-    seconds = time.perf_counter() - t0
-    report(rows, seconds)
-    save_rows("published.json", rows, seconds, args.out)
+    run_rows([r for r in RUNS if r.name in names], lambda r: one(r, args.time_limit),
+             lambda r: r.name, report, "published.json", args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from meshplan.planner._ilp import SolveResult, refine, solve
 from meshplan.planner._memory import liveness, memory_rows, peak_times
 from meshplan.planner._mesh import CommModel, LogicalMesh, factorizations
 from meshplan.planner._ops import POp, batch_dims, build_view
-from meshplan.planner._layers import Layers, find_layers
+from meshplan.planner._layers import find_layers
 from meshplan.planner._pipe import (PipelineChoice, Setting, _recomputed, best_pipeline,
                                     evaluate_split, layer_costs)
 from meshplan.planner._placement import improve_order, plan_traffic, topology_order
