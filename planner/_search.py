@@ -36,6 +36,8 @@ _TP_PRUNE_MARGIN = 1.25
 _PEAKS_PER_ROW_SET = 3
 # With measured pair links, this many of the fastest meshes get a placement search.
 _PLACEMENT_SEARCHES = 2
+# Distinct stage submeshes re-costed per pipeline candidate (see _pipelined).
+_MAX_STAGE_KINDS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,8 +343,7 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
         chunks = [tuple(order[i * size:(i + 1) * size]) for i in range(p)]
         subs = [cluster.subset(ch) for ch in chunks]
         sub = subs[0]
-        # Stages on devices (or links) unlike the first stage's cost their layers anew.
-        kinds = [s.fingerprint() for s in subs]
+        kinds = _stage_kinds(subs)
         limits = [opts.memory_limit or min(d.memory_bytes for d in s.devices) for s in subs]
         hop = _hop(cluster, chunks)
         at_p: dict[int, float] = {}  # tp degree -> best step time with p stages
@@ -418,6 +419,17 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
             best = min(at_p.values())
             dropped |= {t for t, x in at_p.items() if x > _TP_PRUNE_MARGIN * best}
     return runs
+
+
+def _stage_kinds(subs: list[Cluster]) -> list[str]:
+    """Which stages cost their layers alike. Stages on devices (or links) unlike the first
+    stage's cost their layers anew; with measured links every stage differs a little, and
+    past a few kinds only the devices and tiers tell stages apart (each kind is an
+    ILP-sized re-costing)."""
+    kinds = [s.fingerprint() for s in subs]
+    if len(set(kinds)) > _MAX_STAGE_KINDS:
+        kinds = [s.tiers_only().fingerprint() for s in subs]
+    return kinds
 
 
 def _stage_costs(costs, solved: Solved, view, live, subs, kinds, layers, dp_axes, in_place,
@@ -521,8 +533,8 @@ def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraint
     # Placement search on the most promising meshes only: it re-times every collective per
     # swap tried and re-solves the ILP, and a slow mesh seldom overtakes the best by
     # placement alone.
-    ranked = sorted(range(len(runs)), key=lambda k: (runs[k][1].cost.peak_memory > limit,
-                                                     runs[k][1].cost.step_time))
+    ranked = sorted((k for k in range(len(runs)) if runs[k][1].cost.peak_memory <= limit),
+                    key=lambda k: runs[k][1].cost.step_time)
     for k in ranked[:_PLACEMENT_SEARCHES]:
         runs[k] = (runs[k][0], _improve_placement(runs[k][1], view, live, cluster,
                                                   constraints, options, aliased, limit,
@@ -684,8 +696,7 @@ def _estimate_pipelined(view, live, plan: Plan, cluster: Cluster, options: Searc
     in_place = frozenset(v for v, out in pairs.items() if out in aliased)
     by_kind: dict[str, object] = {}
     per_stage = []
-    for sub in subs:
-        kind = sub.fingerprint()
+    for sub, kind in zip(subs, _stage_kinds(subs)):
         if kind not in by_kind:
             problem = _fixed_problem(view, sub, mesh, options, float(ps.microbatches))
             choice = _plan_choice(problem, plan)
