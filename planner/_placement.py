@@ -99,15 +99,23 @@ def topology_order(cluster: Cluster, ids: Sequence[int] | None = None) -> tuple[
     """
     ids = list(range(cluster.num_devices)) if ids is None else list(ids)
     site = cluster.site_of or (0,) * cluster.num_devices
-    if cluster.pair_bandwidth is None:
-        # Tiers only: every node of a site looks alike, every device of a node too.
-        return tuple(sorted(ids, key=lambda i: (site[i], cluster.node_of[i], i)))
-    bw = _bandwidths(cluster)
     nodes: dict[int, list[int]] = {}
-    for i in sorted(ids):
+    for i in sorted(ids, key=lambda i: (cluster.node_of[i], i)):
         nodes.setdefault(cluster.node_of[i], []).append(i)
-    inside = [_chain([[d] for d in devs], bw) for devs in nodes.values()]
-    return _oriented(_chain(inside, bw), cluster)
+    # Alike nodes side by side, sites first: pipeline stages are consecutive slices of
+    # this order, so a stage holds one device generation rather than the slowest of two,
+    # whatever the node numbering.
+    groups: dict[tuple, list[list[int]]] = {}
+    for devs in nodes.values():
+        kinds = tuple(sorted(cluster.devices[d].kind for d in devs))
+        groups.setdefault((site[devs[0]], kinds), []).append(devs)
+    ordered = [groups[k] for k in sorted(groups)]
+    if cluster.pair_bandwidth is None:
+        # Tiers only: every node of a group looks alike, every device of a node too.
+        return tuple(d for g in ordered for devs in g for d in devs)
+    bw = _bandwidths(cluster)
+    chains = [_chain([_chain([[d] for d in devs], bw) for devs in g], bw) for g in ordered]
+    return _oriented(_chain(chains, bw), cluster)
 
 
 def _oriented(chain: list[int], cluster: Cluster) -> tuple[int, ...]:

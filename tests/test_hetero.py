@@ -177,6 +177,22 @@ def test_stages_on_the_slower_generation_hold_fewer_layers():
     assert [s.layers for s in even.stages] != [s.layers for s in plan.stages]
 
 
+def test_mixed_generations_numbered_alternately_plan_the_same():
+    # Nodes of two generations numbered H100, A100, H100, A100: stages still hold one
+    # generation each, and the plan costs what it does with the generations numbered apart.
+    ex = _gpt(layers=6)
+    H, A = mp.clusters.H100_80GB, mp.clusters.A100_80GB
+    apart = mp.Cluster(devices=(H,) * 4 + (A,) * 4, node_of=[i // 2 for i in range(8)],
+                       tiers=(NVLINK, IB))
+    mixed = mp.Cluster(devices=(H, H, A, A) * 2, node_of=[i // 2 for i in range(8)],
+                       tiers=(NVLINK, IB))
+    a = _plan(ex, apart, constraints=mp.Constraints(pp=2))
+    b = _plan(ex, mixed, constraints=mp.Constraints(pp=2))
+    assert b.cost.step_time == pytest.approx(a.cost.step_time, rel=1e-9)
+    for s in b.stages:
+        assert len({mixed.devices[d].kind for d in s.device_ids}) == 1
+
+
 def test_estimate_of_a_pipelined_plan_on_its_own_cluster_is_its_cost():
     ex = _gpt(layers=4)
     devices = (mp.clusters.H100_80GB,) * 4 + (mp.clusters.A100_80GB,) * 4
