@@ -503,8 +503,8 @@ def evaluate_split(c, s: Setting, pieces, hop) -> PipelineChoice:
 
 def selective(c, s: Setting, pieces, limit) -> Setting | None:
     """Per-layer recomputation for a split that fits with every layer recomputed: keep the
-    activations of the layers whose recomputation costs the most time per byte saved, as
-    long as each device's memory allows (Korthikanti et al., "Reducing Activation
+    activations of the layers whose recomputation costs the most time per byte saved, in
+    that order, as long as each device's memory allows (Korthikanti et al., "Reducing Activation
     Recomputation in Large Transformer Models", 2022, recompute selectively for the same
     reason). None when that is every layer or none (the "full" and "none" settings)."""
     cs = _per_stage(c, s.p)
@@ -520,18 +520,20 @@ def selective(c, s: Setting, pieces, limit) -> Setting | None:
         _, b_full, _, _, act_full, work_full = _tables(cs[d], full)
         gain = b_full - b_none  # seconds per microbatch saved by keeping the activations
         extra = flight[d] * (act_none - act_full)  # bytes that keeping them costs
-        order = sorted(mine, key=lambda l: -gain[l] / max(extra[l], 1.0))
-        held_d = float(held[mine].sum())
-
-        def memory(mask):
-            act = np.where(mask[mine], act_full[mine], act_none[mine])
-            work = np.where(mask[mine], work_full[mine], work_none[mine])
-            return held_d + flight[d] * float(act.sum()) + float(work.max())
-
-        for l in order:
-            rm[l] = False
-            if memory(rm) > limits[d]:
-                rm[l] = True
+        order = np.array(sorted(mine, key=lambda l: -gain[l] / max(extra[l], 1.0)), int)
+        # Keep the activations of the first k layers in that order: the device's memory
+        # for every k at once (activations grow with k; the largest working set is the
+        # largest of the kept layers' and the recomputed ones'), the longest prefix that
+        # fits is taken.
+        acts = flight[d] * (act_full[order].sum() + np.concatenate(
+            [[0.0], np.cumsum(act_none[order] - act_full[order])]))
+        kept_work = np.concatenate([[0.0], np.maximum.accumulate(work_none[order])])
+        left_work = np.concatenate([np.maximum.accumulate(work_full[order][::-1])[::-1],
+                                    [0.0]])
+        mem = float(held[order].sum()) + acts + np.maximum(kept_work, left_work)
+        over = np.flatnonzero(mem > limits[d])
+        k = int(over[0]) - 1 if len(over) else len(order)
+        rm[order[:max(k, 0)]] = False
     if rm.all() or not rm.any():
         return None
     return dataclasses.replace(s, remat="layers", recompute=tuple(bool(x) for x in rm))
