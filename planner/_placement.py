@@ -4,15 +4,17 @@ A logical mesh lays device ids out row-major, so its last axis runs over consecu
 of the order, and a pipeline's stages are consecutive slices of it. Placement is therefore
 the choice of one device order, made in two steps:
 
-1. `topology_order`: a seed that follows the links, not the id numbering. Without measured
-   pair matrices the tiers say everything: sites, then nodes, then devices. With them,
-   nodes (and the devices inside a node) are chained by agglomerative clustering on their
-   attained bandwidth, so islands of well-connected nodes come out contiguous and each
-   neighbour in the chain is reached over a good link.
-2. `improve_order`: local search on the traffic of a solved plan. The collectives the plan
-   runs (kind, bytes, mesh axes, count) are re-timed on the cluster for candidate orders
-   that swap two devices; the best order found is kept. Ring collectives are as slow as
-   their slowest link, so this moves the worst pairs out of the busiest rings.
+1. `topology_order`: a seed that follows the links, not the id numbering: sites, then
+   alike nodes (same device kinds, so a pipeline stage holds one generation), then nodes,
+   then devices. With measured pair matrices, nodes (and the devices inside a node) are
+   chained by agglomerative clustering on their attained bandwidth, so islands of
+   well-connected nodes come out contiguous and each neighbour in the chain is reached
+   over a good link.
+2. `improve_order`: local search on the traffic of a solved plan. Each assignment of mesh
+   axes to link speeds is tried first, then orders that swap two devices, the collectives
+   the plan runs (kind, bytes, mesh axes, count) re-timed on the cluster for each; the
+   best order found is kept. Ring collectives are as slow as their slowest link, so this
+   moves the worst pairs out of the busiest rings.
 
 Both are deterministic; neither depends on how device ids happen to be numbered, except in
 how exact ties between equally good orders are broken.
