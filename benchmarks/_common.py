@@ -104,6 +104,22 @@ def save_rows(name: str, rows: list, seconds: float, out: str | None = None) -> 
     print(f"wrote {path}")
 
 
+def selection(doc: str, option: str, allowed, what: str, time_limit: float, report):
+    """Parse `--<option> a,b --time-limit S --out F --show F`: (args, names picked), or
+    None after `--show` printed a saved results file."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument(f"--{option}", default=",".join(allowed))
+    ap.add_argument("--time-limit", type=float, default=time_limit)
+    ap.add_argument("--out")
+    ap.add_argument("--show", help="print a saved results file and exit")
+    args = ap.parse_args()
+    if show_saved(args.show, report):
+        return None
+    return args, pick(ap, getattr(args, option), allowed, what)
+
+
 def run_rows(items, run, label, report, name: str, out: str | None = None) -> None:
     """`run(item)` for each item (each returns a row with its "seconds"), saying when each
     is done; then the tables (`report(rows, seconds)`) and results/<name>."""

@@ -29,7 +29,6 @@ Writes benchmarks/results/hetero.json.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -37,7 +36,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (pick, request_cpu_devices, run_rows, short_error, show_saved,  # noqa: E402
+from _common import (request_cpu_devices, run_rows, selection, short_error,  # noqa: E402
                      table)
 
 SCENARIOS = ("scrambled", "islands", "uneven", "mixed", "edge")
@@ -199,15 +198,10 @@ def report(rows, seconds: float) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
-    ap.add_argument("--time-limit", type=float, default=2.0)
-    ap.add_argument("--out")
-    ap.add_argument("--show", help="print a saved results file and exit")
-    args = ap.parse_args()
-    if show_saved(args.show, report):
+    chosen = selection(__doc__, "scenarios", SCENARIOS, "scenario", 2.0, report)
+    if chosen is None:
         return
-    names = pick(ap, args.scenarios, SCENARIOS, "scenario")
+    args, names = chosen
     request_cpu_devices(8)
     run_rows(names, lambda n: one(n, args.time_limit), str, report, "hetero.json", args.out)
 

@@ -29,14 +29,13 @@ Writes benchmarks/results/published.json.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import pick, run_rows, short_error, show_saved, table  # noqa: E402
+from _common import run_rows, selection, short_error, table  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,15 +144,10 @@ def report(rows, seconds) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default=",".join(r.name for r in RUNS))
-    ap.add_argument("--time-limit", type=float, default=3.0)
-    ap.add_argument("--out")
-    ap.add_argument("--show", help="print a saved results file and exit")
-    args = ap.parse_args()
-    if show_saved(args.show, report):
+    chosen = selection(__doc__, "rows", [r.name for r in RUNS], "row", 3.0, report)
+    if chosen is None:
         return
-    names = pick(ap, args.rows, [r.name for r in RUNS], "row")
+    args, names = chosen
     run_rows([r for r in RUNS if r.name in names], lambda r: one(r, args.time_limit),
              lambda r: r.name, report, "published.json", args.out)
 

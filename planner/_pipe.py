@@ -361,9 +361,10 @@ def _tables(c: LayerCosts, s: Setting):
     return f, b, c.step, held, act, work
 
 
-def _per_stage(c, p: int) -> tuple[LayerCosts, ...]:
-    """One LayerCosts per stage: stages on different devices cost their layers differently."""
-    return tuple(c) if isinstance(c, (list, tuple)) else (c,) * p
+def _per_stage(x, p: int) -> tuple:
+    """One value per stage from one for all or a list of p: LayerCosts (stages on
+    different devices cost their layers differently) or memory limits."""
+    return tuple(x) if isinstance(x, (list, tuple)) else (x,) * p
 
 
 def _stage_tables(cs: tuple[LayerCosts, ...], s: Setting) -> list:
@@ -381,7 +382,7 @@ def split(c, s: Setting, limit):
     of its chunks) is checked.
     """
     cs = _per_stage(c, s.p)
-    limits = list(limit) if isinstance(limit, (list, tuple)) else [limit] * s.p
+    limits = _per_stage(limit, s.p)
     tabs = _stage_tables(cs, s)
     pieces = s.p * s.v
     n = cs[0].num_layers
@@ -508,7 +509,7 @@ def selective(c, s: Setting, pieces, limit) -> Setting | None:
     Recomputation in Large Transformer Models", 2022, recompute selectively for the same
     reason). None when that is every layer or none (the "full" and "none" settings)."""
     cs = _per_stage(c, s.p)
-    limits = list(limit) if isinstance(limit, (list, tuple)) else [limit] * s.p
+    limits = _per_stage(limit, s.p)
     n = cs[0].num_layers
     full = dataclasses.replace(s, remat="full", recompute=())
     none = dataclasses.replace(s, remat="none", recompute=())

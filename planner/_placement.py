@@ -28,6 +28,8 @@ from typing import Sequence
 import numpy as np
 
 from meshplan.costmodel import Cluster
+from meshplan.planner._evaluate import assign, collectives
+from meshplan.planner._mesh import CommModel, LogicalMesh
 
 __all__ = ["Traffic", "axis_layouts", "improve_order", "order_cost", "plan_traffic",
            "topology_order"]
@@ -147,8 +149,6 @@ def axis_layouts(order: Sequence[int], shape: tuple[int, ...]) -> list[tuple[int
 def order_cost(cluster: Cluster, shape: tuple[int, ...], order: Sequence[int],
                traffic: Sequence[Traffic], shared: dict | None = None) -> float:
     """Seconds the collectives in `traffic` take on the mesh `shape` laid over `order`."""
-    from meshplan.planner._mesh import CommModel, LogicalMesh
-
     comm = CommModel(cluster, LogicalMesh(tuple(shape), tuple(order)), shared)
     return sum(t.count * comm.time(t.kind, t.nbytes, t.axes) for t in traffic)
 
@@ -193,8 +193,6 @@ def improve_order(cluster: Cluster, shape: tuple[int, ...], order: Sequence[int]
 def plan_traffic(problem, choice) -> list[Traffic]:
     """The collectives a solved plan runs, merged by (kind, bytes, axes): its own
     collectives and its reshards, as `evaluate` counts them."""
-    from meshplan.planner._evaluate import assign, collectives
-
     counts: dict[tuple, float] = {}
     for c, mult, _ in collectives(problem, choice, assign(problem, choice)):
         key = (c.kind, float(c.nbytes), tuple(c.axes))

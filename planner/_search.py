@@ -38,6 +38,9 @@ _PEAKS_PER_ROW_SET = 3
 _PLACEMENT_SEARCHES = 2
 # Distinct stage submeshes re-costed per pipeline candidate (see _pipelined).
 _MAX_STAGE_KINDS = 4
+# What a pipeline stage's ILP is held to (see _pipelined): weights and optimizer state
+# whole over the stage's dp axis and split over tp.
+_STAGE_RULES = Constraints(zero=0, tp_params=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,8 +361,7 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
             # and optimizer state whole over the stage's dp axis (ZeRO over dp is chosen by
             # the pipeline model) and split over tp; weights moved between layouts are
             # priced once per microbatch, for a typical count.
-            solved = solve_candidate(view, live, sub, cand,
-                                     Constraints(zero=0, tp_params=True), opts,
+            solved = solve_candidate(view, live, sub, cand, _STAGE_RULES, opts,
                                      aliased, float("inf"), grouping, shared,
                                      exact_memory=False,
                                      weight_moves=_typical_microbatches(view, cand, p))
@@ -442,8 +444,8 @@ def _stage_costs(costs, solved: Solved, view, live, subs, kinds, layers, dp_axes
     for sub, kind in zip(subs, kinds):
         if kind in by_kind:
             continue
-        problem = _problem(view, sub, cand, Constraints(zero=0, tp_params=True), opts,
-                           grouping, shared, weight_moves)
+        problem = _problem(view, sub, cand, _STAGE_RULES, opts, grouping, shared,
+                           weight_moves)
         # Strategies are enumerated from the mesh shape and the graph alone, so the
         # solved choice indexes the same strategies on any devices.
         assert [len(x) for x in problem.strategies] == \
@@ -474,9 +476,9 @@ def _pipeline_cost(costs, pc: PipelineChoice) -> Cost:
     """The Cost record of a pipelined plan (per device of the busiest stage)."""
     p = len(pc.stages) // pc.virtual_stages
     per_device_flops, per_device_sent = [0.0] * p, [0.0] * p
+    again = _recomputed(Setting(p, pc.microbatches, pc.schedule, pc.virtual_stages,
+                                pc.remat, pc.zero, pc.recompute), len(costs.flops))
     for k, (a, z) in enumerate(pc.stages):  # chunk k runs on stage k mod p's devices
-        again = _recomputed(Setting(p, pc.microbatches, pc.schedule, pc.virtual_stages,
-                                    pc.remat, pc.zero, pc.recompute), len(costs.flops))
         per_device_flops[k % p] += float(costs.flops[a:z].sum()) + \
             float(costs.forward_flops[a:z][again[a:z]].sum())
         per_device_sent[k % p] += float(costs.sent[a:z].sum())
@@ -653,11 +655,8 @@ def _fixed_problem(view, cluster: Cluster, mesh: LogicalMesh, options: SearchOpt
                    weight_moves: float = 1.0):
     """The ILP data of `mesh` with one class per group: a fixed plan's layouts are read
     group by group, as the plan may give identical layers different layouts."""
-    device = _slowest(cluster, mesh.device_ids)
-    rs_as_ar = all(cluster.devices[i].kind == "cpu" for i in mesh.device_ids)
-    return build_problem(view, CommModel(cluster, mesh), device, options.efficiency,
-                         Restrictions(), tie=False, rs_as_ar=rs_as_ar,
-                         weight_moves=weight_moves)
+    return _problem(view, cluster, MeshCandidate(mesh, None, "fixed"), Constraints(),
+                    dataclasses.replace(options, tie_layers=False), None, None, weight_moves)
 
 
 def _plan_choice(problem, plan: Plan) -> tuple[int, ...]:
