@@ -115,7 +115,18 @@ def candidates(cluster: Cluster, c: Constraints) -> list[MeshCandidate]:
     for s in shapes:
         if math.prod(s) != n:
             raise ValueError(f"mesh_shape {s} has {math.prod(s)} devices; the cluster has {n}.")
+    if c.mesh_shape is None and _uniform_links(cluster):
+        # Every pair of devices is linked alike, so a mesh and its transpose are one problem
+        # with the axes renamed (the ILP picks what each axis does): solve one of them.
+        shapes = [s for k, s in enumerate(shapes) if tuple(sorted(s)) not in
+                  {tuple(sorted(t)) for t in shapes[:k]}]
     return [MeshCandidate(LogicalMesh(s, order), None, "x".join(map(str, s))) for s in shapes]
+
+
+def _uniform_links(cluster: Cluster) -> bool:
+    """One node of one device kind, no measured pair links: every pair is linked alike."""
+    return (cluster.num_nodes == 1 and cluster.pair_bandwidth is None
+            and cluster.pair_latency is None and len({d for d in cluster.devices}) == 1)
 
 
 def _restrictions(names: tuple[str, ...] | None, c: Constraints,
