@@ -353,6 +353,47 @@ def brute_force(problem: Problem, memory_rows: tuple[MemoryRow, ...] = (),
     return tuple(int(i) for i in np.unravel_index(flat, shape)), float(total.flat[flat])
 
 
+def _share_vector(problem: Problem, members: list[int], c: int, choice) -> np.ndarray | None:
+    """The shared reshard cost of one value's readers (see `objective_of`) for every
+    strategy of class `c`, the other classes fixed at `choice`; None where the edges do
+    not have the common shape this handles (one producer class and its layout ids, and at
+    most one reader in `c`), for `refine` to price them one strategy at a time."""
+    edges = [problem.edges[k] for k in members]
+    first = edges[0]
+    if any(e.src != first.src or e.src_keys is not first.src_keys and
+           not np.array_equal(e.src_keys, first.src_keys) for e in edges[1:]):
+        return None
+
+    def key(k, e, j):  # the layout a reader wants: readers wanting the same one share it
+        return e.dst_layouts[j] if e.dst_layouts else ("edge", k)
+
+    if c == first.src:  # the producer moves: every reader's wanted layout stays
+        if any(e.dst == c for e in edges):
+            return None
+        best: dict = {}
+        for k, e in zip(members, edges):
+            j = e.dst_keys[choice[e.dst]]
+            col = e.cost[first.src_keys, j]
+            kk = key(k, e, j)
+            best[kk] = col if kk not in best else np.maximum(best[kk], col)
+        return sum(best.values())
+    moving = [(k, e) for k, e in zip(members, edges) if e.dst == c]
+    if len(moving) != 1:
+        return None
+    i = first.src_keys[choice[first.src]]
+    fixed: dict = {}
+    for k, e in zip(members, edges):
+        if e.dst != c:
+            j = e.dst_keys[choice[e.dst]]
+            kk = key(k, e, j)
+            fixed[kk] = max(fixed.get(kk, 0.0), float(e.cost[i, j]))
+    k, e = moving[0]
+    # Per layout the reader in c may want: what the fixed readers already pay for it.
+    already = np.array([fixed.get(key(k, e, j), 0.0) for j in range(e.cost.shape[1])])
+    paid = already[e.dst_keys]
+    return sum(fixed.values()) - paid + np.maximum(paid, e.cost[i, e.dst_keys])
+
+
 def refine(problem: Problem, choice: tuple[int, ...], memory_rows: tuple[MemoryRow, ...] = (),
            sweeps: int = 3) -> tuple[tuple[int, ...], float]:
     """Coordinate descent on the exact objective (reshards shared by readers, as XLA does).
@@ -379,17 +420,27 @@ def refine(problem: Problem, choice: tuple[int, ...], memory_rows: tuple[MemoryR
             paid[key] = max(paid.get(key, 0.0), float(e.cost[i, j]))
         return sum(paid.values())
 
+    def local_costs(c, ch) -> np.ndarray:
+        """Class c's cost plus its shared reshards, per strategy, the others fixed."""
+        local = costs[c].astype(float)
+        for gi in touching.get(c, ()):
+            vec = _share_vector(problem, shares[gi], c, ch)
+            if vec is None:
+                trial = list(ch)
+                vec = np.empty(len(local))
+                for s in range(len(local)):
+                    trial[c] = s
+                    vec[s] = share_cost(gi, trial)
+            local = local + vec
+        return local
+
     choice = list(choice)
     for _ in range(sweeps):
         improved = False
         for c in range(len(costs)):
             if len(costs[c]) == 1:
                 continue
-            local = []
-            for s in range(len(costs[c])):
-                trial = choice.copy()
-                trial[c] = s
-                local.append(costs[c][s] + sum(share_cost(gi, trial) for gi in touching.get(c, ())))
+            local = local_costs(c, choice)
             order = np.argsort(local, kind="stable")
             for s in order:
                 if local[s] >= local[choice[c]] - 1e-15:

@@ -73,6 +73,7 @@ class CommModel:
         self.mesh = mesh
         self._fits: dict[tuple[str, Axes], _LinearTime] = {}
         self.reshard_memo: dict[tuple, float] = {}  # (bytes, src, dst) -> seconds
+        self.edge_memo: dict[tuple, np.ndarray] = {}  # (bytes, src layouts, dst layouts)
         # Group times by link structure, shareable between the meshes of one search (a
         # 1024-device mesh has 128 groups per axis; without pair overrides they are alike).
         self._group_times = shared if shared is not None else {}

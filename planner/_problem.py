@@ -468,8 +468,12 @@ def _edge(pc, gc, src_strats, dst_strats, produced_index, slot_index, nbytes, mu
                          for s in src_strats], dtype=np.int64)
     dst_keys = np.array([dst_ids.setdefault(d.slots[slot_index], len(dst_ids))
                          for d in dst_strats], dtype=np.int64)
-    cost = np.zeros((len(src_ids), len(dst_ids)))
-    for a, i in src_ids.items():
-        for b, j in dst_ids.items():
-            cost[i, j] = mult * reshard_time(nbytes, a, b, comm, mesh_shape)
-    return Edge(pc, gc, src_keys, dst_keys, cost, tuple(dst_ids), (pc, produced_index))
+    # Many class pairs move same-sized values between the same layouts (the sublayers of
+    # a transformer block): their matrices are computed once per mesh.
+    key = (nbytes, tuple(src_ids), tuple(dst_ids))
+    base = comm.edge_memo.get(key)
+    if base is None:
+        base = np.array([[reshard_time(nbytes, a, b, comm, mesh_shape) for b in dst_ids]
+                         for a in src_ids]).reshape(len(src_ids), len(dst_ids))
+        comm.edge_memo[key] = base
+    return Edge(pc, gc, src_keys, dst_keys, mult * base, tuple(dst_ids), (pc, produced_index))
