@@ -52,6 +52,16 @@ class DimMap:
     reduction: str | None = None  # how reduced loop dims combine; None: they may not be split
     main: int | None = 0  # operand whose layout a follower inherits; None: a source op
 
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __getstate__(self) -> dict:  # str hashes differ between processes: not pickled
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
+    @functools.cached_property  # a DimMap keys the strategy memo: hashed for every lookup
+    def _hash(self) -> int:
+        return hash((self.loop_sizes, self.operands, self.outputs, self.reduction, self.main))
+
     @functools.cached_property  # asked for every op of every candidate plan
     def reduced_loops(self) -> frozenset[int]:
         """Loop dims that no output walks: splitting them leaves partial results."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -290,16 +290,43 @@ def _nbytes(view, v):
     return float(view.values[v].nbytes)
 
 
+@dataclasses.dataclass(frozen=True)
+class _OpFacts:
+    """What costing an op needs from the view, whatever the mesh: gathered once per op."""
+
+    in_shapes: tuple[tuple[int, ...], ...]
+    out_shapes: tuple[tuple[int, ...], ...]
+    out_nbytes: tuple[float, ...]
+    traffic: float  # bytes read and written from memory, unsplit (materialised values only)
+    dtype: Any
+    matmul: bool
+
+
+def _facts(view, op: POp) -> _OpFacts:
+    """The op's `_OpFacts`, memoised on the view (every candidate mesh asks again)."""
+    memo = view.memo.setdefault("op_facts", {})
+    facts = memo.get(op.id)
+    if facts is None:
+        # Memory traffic: only values that live in memory; a value fused into its readers
+        # is neither written nor read back (XLA's loop fusion, Megatron-LM's fused kernels).
+        kept = view.memo["materialised"]
+        facts = _OpFacts(tuple(_shape(view, v) for v in op.inputs),
+                         tuple(_shape(view, v) for v in op.outputs),
+                         tuple(_nbytes(view, v) for v in op.outputs),
+                         sum(_nbytes(view, v) for v in op.inputs + op.outputs if v in kept),
+                         view.values[op.outputs[0]].dtype if op.outputs else np.float32,
+                         op.prim in _MATMUL)
+        memo[op.id] = facts
+    return facts
+
+
 def _op_cost(op: POp, choice: OpChoice, view, comm: CommModel, device, eff,
              rs_as_ar: bool) -> tuple[float, float, list[Comm]]:
     """(seconds, per-device FLOPs, collectives) of one execution of an op under a choice."""
+    facts = _facts(view, op)
     flops = op.flops / choice.split
-    # Memory traffic: only values that live in memory; a value fused into its readers
-    # is neither written nor read back (XLA's loop fusion, Megatron-LM's fused kernels).
-    kept = view.memo["materialised"]
-    nbytes = sum(_nbytes(view, v) for v in op.inputs + op.outputs if v in kept) / choice.split
-    dtype = view.values[op.outputs[0]].dtype if op.outputs else np.float32
-    t = _roofline(flops, nbytes, device, dtype, op.prim in _MATMUL, eff) \
+    nbytes = facts.traffic / choice.split
+    t = _roofline(flops, nbytes, device, facts.dtype, facts.matmul, eff) \
         if flops or nbytes else 0.0
     comms = [_lowered(c, rs_as_ar) for c in choice.comms]
     t += sum(comm.time(c.kind, c.nbytes, c.axes) for c in comms)
@@ -335,9 +362,9 @@ def _fixed_choice(op: POp, view) -> OpChoice:
 
 def _choice(op: POp, loops, view, mesh_shape, scatter=None) -> OpChoice | None:
     # Tuples, so that apply_loops can be memoised: repeated sublayers ask the same thing.
-    return apply_loops(op.dims, loops, tuple(_shape(view, v) for v in op.inputs),
-                       tuple(_shape(view, v) for v in op.outputs),
-                       tuple(_nbytes(view, v) for v in op.outputs), mesh_shape, scatter)
+    facts = _facts(view, op)
+    return apply_loops(op.dims, loops, facts.in_shapes, facts.out_shapes, facts.out_nbytes,
+                       mesh_shape, scatter)
 
 
 def group_strategies(g: Group, view: PlanningView, comm: CommModel, mesh_shape, device,
