@@ -118,6 +118,54 @@ def _spread(layers: Layers, layer: int, amount: float, out: np.ndarray) -> None:
         out[layer] += amount
 
 
+def _weights(layers: Layers, layer_list) -> np.ndarray:
+    """Per layer, how many of `layer_list` fall in it (a SPREAD counts 1/L per block)."""
+    out = np.zeros(layers.num_layers)
+    plain = [l for l in layer_list if l != SPREAD]
+    np.add.at(out, np.asarray(plain, dtype=np.int64), 1.0)
+    spread = len(layer_list) - len(plain)
+    if spread:
+        out[1:layers.num_blocks + 1] += spread / layers.num_blocks
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _GroupIndex:
+    """Where each group of a grouping runs, gathered once per step and grouping (every
+    stage mesh cuts its plan into layers with it).
+
+    classes: (class, pass, once per step) -> per layer, how many of its groups run there.
+    slots: per group with slots: (class, pass, layer, [(slot index, value, dedup mult,
+      mult, batch-free)]).
+    """
+
+    classes: dict[tuple[int, str, bool], np.ndarray]
+    slots: list[tuple[int, str, int, list[tuple[int, int, int, int, bool]]]]
+
+
+def _group_index(view, layers: Layers, groups) -> _GroupIndex:
+    key = ("groups", id(layers), id(groups))
+    if key in view.memo:
+        return view.memo[key][1]
+    vdims, _ = batch_dims(view)
+    by_class: dict[tuple[int, str, bool], list[int]] = {}
+    slots = []
+    for g in groups:
+        if g.leader.kind == "input" and g.leader.prim == "input":
+            continue
+        op_id = g.leader.id
+        phase, layer = layers.op_pass.get(op_id, "step"), layers.op_layer.get(op_id, 0)
+        batchless = not any(vdims.get(v) for v in g.produced)
+        by_class.setdefault((g.cls, phase, phase != "step" and batchless), []).append(layer)
+        if g.slots:
+            slots.append((g.cls, phase, layer, [
+                (si, v, g.members[mi].mult if k >= 0 else mult, mult, batch_free(view, v))
+                for si, (mi, k, v, mult) in enumerate(g.slots)]))
+    out = _GroupIndex({k: _weights(layers, ls) for k, ls in by_class.items()}, slots)
+    view.memo[key] = (groups, out)  # the grouping is kept alive with its id
+    return out
+
+
 def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
                 in_place: frozenset[int] = frozenset()) -> LayerCosts:
     """Cut one solved intra-op plan into per-layer tables (see `LayerCosts`).
@@ -130,9 +178,10 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
     fwd, bwd, step, flops, sent, fflops = z(), z(), z(), z(), z(), z()
     fwd_fixed, bwd_fixed = z(), z()
     weights, opt, saved, inputs, working = z(), z(), z(), z(), z()
-    vdims, _ = batch_dims(view)
     index = _activation_index(view, layers, live)
+    groups = _group_index(view, layers, problem.groups)
     value_layout, op_layouts = assignment.value_layout, assignment.op_layouts
+    by_pass = {"forward": fwd, "backward": bwd, "step": step}
 
     def layout(v):
         if v in value_layout:
@@ -147,43 +196,32 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
         return view.values[v].nbytes / shards(lay_v, mesh_shape) if lay_v is not None else \
             float(view.values[v].nbytes)
 
-    def where(op_id) -> tuple[str, int]:
-        return layers.op_pass.get(op_id, "step"), layers.op_layer.get(op_id, 0)
-
-    seen_reshard: set = set()
     # Groups of one class run one strategy: its costs are worked out once per class and
-    # pass kind (a 96-layer model has ~100 groups per class), and each reshard once per
-    # (bytes, layouts).
-    class_costs: dict[tuple, tuple[float, float, float]] = {}
-    moved: dict[tuple, tuple[float, float]] = {}
-    for g in problem.groups:
-        strat = problem.strategies[g.cls][choice[g.cls]]
-        phase, layer = where(g.leader.id)
-        if g.leader.kind == "input" and g.leader.prim == "input":
-            continue
-        batchless = not any(vdims.get(v) for v in g.produced)
-        per_step = phase != "step" and batchless
-        key = (g.cls, per_step)
-        if key not in class_costs:
-            own = sum(m * comm.time(x.kind, x.nbytes, x.axes) for x, m in strat.comms)
-            class_costs[key] = (own, sum(m * x.bytes_sent(mesh_shape) for x, m in strat.comms),
-                                strat.time - (own if per_step else 0.0))
-        own, sent_bytes, body = class_costs[key]
-        _spread(layers, layer, sent_bytes, sent)
+    # pass, and spread over the layers its groups run in (a 96-layer model has ~100
+    # groups per class).
+    for (cls, phase, per_step), where in groups.classes.items():
+        strat = problem.strategies[cls][choice[cls]]
+        own = sum(m * comm.time(x.kind, x.nbytes, x.axes) for x, m in strat.comms)
+        sent += where * sum(m * x.bytes_sent(mesh_shape) for x, m in strat.comms)
         if per_step:
             # A weight gradient's sum over the data-parallel devices: once per step,
             # on the gradients accumulated over all microbatches.
-            _spread(layers, layer, own, step)
-        _spread(layers, layer, body, {"forward": fwd, "backward": bwd, "step": step}[phase])
-        _spread(layers, layer, strat.flops, flops)
+            step += where * own
+        by_pass[phase] += where * (strat.time - (own if per_step else 0.0))
+        flops += where * strat.flops
         if phase == "forward":
-            _spread(layers, layer, strat.flops, fflops)
-        for (mi, k, v, mult), want in zip(g.slots, strat.slots):
+            fflops += where * strat.flops
+    # Reshards, each once per (value, wanted layout), and each distinct one costed once.
+    seen_reshard: set = set()
+    moved: dict[tuple, tuple[float, float]] = {}
+    for cls, phase, layer, slot_list in groups.slots:
+        strat_slots = problem.strategies[cls][choice[cls]].slots
+        for si, v, dedup, mult, weight in slot_list:
+            want = strat_slots[si]
             have = value_layout.get(v)
-            key = (v, want, g.members[mi].mult if k >= 0 else mult)
-            if have is None or have == want or key in seen_reshard:
+            if have is None or have == want or (v, want, dedup) in seen_reshard:
                 continue
-            seen_reshard.add(key)
+            seen_reshard.add((v, want, dedup))
             nbytes = view.values[v].nbytes
             if (nbytes, have, want) not in moved:
                 moves = reshard(nbytes, have, want, mesh_shape)
@@ -193,15 +231,14 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
             t, b = moved[nbytes, have, want]
             t *= mult
             _spread(layers, layer, mult * b, sent)
-            if phase != "step" and batch_free(view, v):
+            if phase != "step" and weight:
                 # A weight moved for this pass: every microbatch moves it again.
                 _spread(layers, layer, t, fwd_fixed if phase == "forward" else bwd_fixed)
             else:
-                _spread(layers, layer, t, {"forward": fwd, "backward": bwd,
-                                           "step": step}[phase])
+                _spread(layers, layer, t, by_pass[phase])
 
     weights_dp, opt_dp, gather, outputs = z(), z(), z(), z()
-    role_of = {op.outputs[0]: op.role for op in view.ops if op.kind == "input" and op.outputs}
+    role_of = _input_roles(view)
     dp_set = set(dp_axes)
     for v, held in layers.input_layers.items():
         param = role_of.get(v) == "param"
@@ -231,13 +268,27 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
         cut[1:layers.num_blocks] += carry_bytes  # the scan's carry between blocks
     inputs[1:] = cut[:-1]
     inputs[0] = 0.0
-    data = [op for op in view.ops if op.kind == "input" and op.role == "data"]
-    batch = view.values[data[0].outputs[0]].shape[0] if data and \
-        view.values[data[0].outputs[0]].shape else 1
     dp_size = math.prod(mesh_shape[a] for a in dp_axes) if dp_axes else 1
     return LayerCosts(fwd, bwd, step, weights, opt, saved, inputs, working, cut, flops,
-                      weights_dp, opt_dp, gather, sent, fflops, outputs, dp_size, int(batch),
-                      fwd_fixed, bwd_fixed)
+                      weights_dp, opt_dp, gather, sent, fflops, outputs, dp_size,
+                      _global_batch(view), fwd_fixed, bwd_fixed)
+
+
+def _input_roles(view) -> dict[int, str]:
+    """Input value -> its role (param, opt_state, data, ...), memoised on the view."""
+    if "input_roles" not in view.memo:
+        view.memo["input_roles"] = {op.outputs[0]: op.role for op in view.ops
+                                    if op.kind == "input" and op.outputs}
+    return view.memo["input_roles"]
+
+
+def _global_batch(view) -> int:
+    """Dim 0 of the first data input (1 without one), memoised on the view."""
+    if "global_batch" not in view.memo:
+        data = [op for op in view.ops if op.kind == "input" and op.role == "data"]
+        shape = view.values[data[0].outputs[0]].shape if data else ()
+        view.memo["global_batch"] = int(shape[0]) if shape else 1
+    return view.memo["global_batch"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -222,7 +222,9 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
     times = peak_times(live, sizes, _PEAKS_PER_ROW_SET)
     result = None
     for _ in range(_MEMORY_ROUNDS):
-        rows = memory_rows(problem, live, limit, times, aliased)
+        # No limit (a pipeline stage's plan, whose memory is the split's to check): no rows.
+        rows = memory_rows(problem, live, limit, times, aliased) if math.isfinite(limit) \
+            else ()
         result = solve(problem, rows, opts.time_limit)
         refined, _ = refine(problem, result.choice, rows)
         result = dataclasses.replace(result, choice=refined)
