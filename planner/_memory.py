@@ -76,6 +76,9 @@ _EXPENSIVE = frozenset({"exp", "exp2", "log", "log1p", "expm1", "tanh", "logisti
 # Bytes per element of the tuple XLA returns the results in (a 64-bit pointer each):
 # `output_size - sum of result bytes` is 8 x results on every example model (XLA:CPU).
 _TUPLE_POINTER_BYTES = 8
+# Allocations per block in `_assign`'s skip list (about the square root of a deep model's
+# several thousand results).
+_BLOCK = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -733,6 +736,14 @@ def _assign(sizes, start, end, out_sizes, out_start) -> float:
     busy_from: list[list[int]] = [[] for _ in a_sizes]
     busy_to: list[list[int]] = [[] for _ in a_sizes]
     free_until = a_free_until.tolist()
+    # Allocations in blocks, each with its latest free phase: a temporary that outlives
+    # every allocation of a block skips the block in one step (most temporaries outlive
+    # most allocations: a step's results are written at its end).
+    n_alloc = len(free_until)
+    n_blocks = (n_alloc + _BLOCK - 1) // _BLOCK
+    block_free = np.full(n_blocks * _BLOCK, -1, dtype=np.int64)
+    block_free[:n_alloc] = a_free_until
+    block_free = block_free.reshape(n_blocks, _BLOCK).max(axis=1).tolist()
     # The first allocation large enough, per temporary (a_sizes is sorted).
     first_fit = np.searchsorted(a_sizes, sizes, side="left").tolist()
     first, last, size = start.tolist(), end.tolist(), sizes.tolist()
@@ -741,22 +752,31 @@ def _assign(sizes, start, end, out_sizes, out_start) -> float:
         a, b = first[i], last[i]
         if size[i] <= 0:
             continue
-        for c in range(first_fit[i], len(free_until)):
-            if free_until[c] <= b:
-                continue
-            k = bisect.bisect_right(busy_from[c], b)
-            if k == 0 or busy_to[c][k - 1] < a:  # no busy interval meets [a, b]
-                busy_from[c].insert(k, a)
-                busy_to[c].insert(k, b)
-                break
-        else:
-            heap[i] = True
+        heap[i] = not _reuse(a, b, first_fit[i], free_until, block_free, busy_from, busy_to)
     if not heap.any():
         return 0.0
     delta = np.zeros(n_slots + 1)
     np.add.at(delta, start[heap], sizes[heap])
     np.add.at(delta, end[heap] + 1, -sizes[heap])
     return float(np.cumsum(delta).max())
+
+
+def _reuse(a: int, b: int, lo: int, free_until, block_free, busy_from, busy_to) -> bool:
+    """Put the temporary live over [a, b] in the first allocation from `lo` on that is
+    free then (marked busy); False if there is none."""
+    n = len(free_until)
+    for blk in range(lo // _BLOCK, len(block_free)):
+        if block_free[blk] <= b:
+            continue
+        for c in range(max(lo, blk * _BLOCK), min(n, (blk + 1) * _BLOCK)):
+            if free_until[c] <= b:
+                continue
+            k = bisect.bisect_right(busy_from[c], b)
+            if k == 0 or busy_to[c][k - 1] < a:  # no busy interval meets [a, b]
+                busy_from[c].insert(k, a)
+                busy_to[c].insert(k, b)
+                return True
+    return False
 
 
 def _curve(live: Liveness, sizes: np.ndarray) -> np.ndarray:
