@@ -92,6 +92,10 @@ class LayerCosts:
     forward_fixed: np.ndarray | None = None
     backward_fixed: np.ndarray | None = None
     act_scale: float = 1.0
+    # _tables per (m, remat, zero, recomputed layers): the split search asks for the same
+    # few hundred times, once per stage (a copy made by dataclasses.replace starts empty).
+    tables_memo: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                          compare=False)
 
     def calibrated(self, exact_peak: float) -> "LayerCosts":
         """The same tables with activations scaled so that one stage holding every layer
@@ -390,7 +394,15 @@ def _recomputed(s: Setting, n: int) -> np.ndarray:
 
 def _tables(c: LayerCosts, s: Setting):
     """Per layer under `s`: per-microbatch (forward, backward) seconds, per-step seconds,
-    bytes held for the whole step, bytes saved per in-flight microbatch, working bytes."""
+    bytes held for the whole step, bytes saved per in-flight microbatch, working bytes
+    (memoised on `c`; the arrays are shared, never written)."""
+    key = (s.m, s.remat, s.zero, s.recompute if s.remat == "layers" else ())
+    if key not in c.tables_memo:
+        c.tables_memo[key] = _compute_tables(c, s)
+    return c.tables_memo[key]
+
+
+def _compute_tables(c: LayerCosts, s: Setting):
     dp = c.dp_size
     f = c.forward / s.m + (c.forward_fixed if c.forward_fixed is not None else 0.0)
     b = c.backward / s.m + (c.backward_fixed if c.backward_fixed is not None else 0.0)
@@ -419,8 +431,7 @@ def _per_stage(x, p: int) -> tuple:
 
 
 def _stage_tables(cs: tuple[LayerCosts, ...], s: Setting) -> list:
-    memo: dict[int, tuple] = {}  # stages on alike devices share one table
-    return [memo.setdefault(id(c), _tables(c, s)) for c in cs]
+    return [_tables(c, s) for c in cs]  # stages on alike devices share one (memoised)
 
 
 def split(c, s: Setting, limit):

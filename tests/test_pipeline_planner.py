@@ -127,7 +127,7 @@ def test_stage_split_equals_brute_force_under_memory_limits():
         n = c.num_layers
         t = rng.uniform(0.5, 3.0, n)
         held = rng.uniform(1.0, 10.0, n)
-        c = LayerCosts(**{**c.__dict__, "forward": t, "backward": 2 * t, "weights": held / 2})
+        c = dataclasses.replace(c, forward=t, backward=2 * t, weights=held / 2)
         p = int(rng.integers(2, 4))
         s = Setting(p, 4, "1f1b", 1, "none", 0)
         limit = float(rng.uniform(15, 60))
