@@ -56,13 +56,22 @@ def assign(problem: Problem, choice) -> Assignment:
     """Spread each class's strategy to all its groups' values and ops."""
     value_layout: dict[int, Layout] = {}
     op_layouts = {}
-    for g in problem.groups:
-        strat = problem.strategies[g.cls][choice[g.cls]]
-        for v, lay in zip(g.produced, strat.produced):
-            value_layout[v] = lay
-        for op, lays in zip(g.members, strat.ops):
-            op_layouts[op.id] = lays
+    strategies = problem.strategies
+    for g, member_ids in zip(problem.groups, _member_ids(problem)):
+        strat = strategies[g.cls][choice[g.cls]]
+        value_layout.update(zip(g.produced, strat.produced))
+        op_layouts.update(zip(member_ids, strat.ops))
     return Assignment(value_layout, op_layouts)
+
+
+def _member_ids(problem: Problem) -> list[tuple[int, ...]]:
+    """Per group, its ops' ids (memoised on the view: every candidate mesh shares them)."""
+    key = ("member ids", id(problem.groups))
+    memo = problem.view.memo
+    if key not in memo:
+        memo[key] = (problem.groups, [tuple(op.id for op in g.members)
+                                      for g in problem.groups])
+    return memo[key][1]
 
 
 def collectives(problem: Problem, choice, a: Assignment) -> list[tuple[Comm, float, str]]:
