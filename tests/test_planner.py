@@ -1,4 +1,5 @@
 """Planner: ILP against brute force, and the layouts a person would recognise."""
+import dataclasses
 import itertools
 
 import jax
@@ -11,10 +12,12 @@ from meshplan import ir
 from meshplan.costmodel import Efficiency
 from meshplan.examples import abstract, make
 from meshplan.planner import brute_force, solve
-from meshplan.planner._ilp import MemoryRow, _binding
+from meshplan.planner._ilp import (MemoryRow, _binding, _share_vector, _unique_rows,
+                                   node_costs, objective_of, share_groups)
 from meshplan.planner._mesh import CommModel, LogicalMesh
 from meshplan.planner._ops import build_view
 from meshplan.planner._problem import build_problem
+from meshplan.planner._search import candidates
 
 TINY = {
     "mlp2": (lambda w1, w2, x: jnp.tanh(x @ w1) @ w2,
@@ -78,6 +81,69 @@ def test_memory_rows_that_cannot_bind_are_left_out_and_change_nothing():
     assert _binding((loose, tight)) == (tight,)
     assert solve(problem, (loose,), time_limit=30).objective == \
         pytest.approx(solve(problem, (), time_limit=30).objective)
+
+
+def test_a_row_no_choice_can_meet_is_infeasible_without_a_solve():
+    problem = _tiny_problem("mlp2", UNEVEN)
+    coef = tuple(np.array([float(len(s.produced)) for s in strats])
+                 for strats in problem.strategies)
+    least = sum(float(c.min()) for c in coef)
+    assert solve(problem, (MemoryRow(coef, 0.0, least),), time_limit=30).status == "OPTIMAL"
+    result = solve(problem, (MemoryRow(coef, 0.0, least * 0.99),), time_limit=30)
+    assert result.status == "INFEASIBLE" and result.wall_time < 0.5
+
+
+def test_edge_compression_matches_numpy_unique():
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        a = rng.integers(0, 3, size=tuple(rng.integers(1, 8, size=2))) * rng.choice([1.0, 1e-3])
+        _, first, inverse = np.unique(a, axis=0, return_index=True, return_inverse=True)
+        got_first, got_inverse = _unique_rows(a)
+        assert (got_first == first).all() and (got_inverse == inverse.reshape(-1)).all()
+
+
+def test_refine_prices_strategies_as_the_exact_objective_does():
+    """refine's per-class vectors equal the exact objective's shared reshard costs,
+    strategy by strategy, on a real plan's problem (random choices of the other classes)."""
+    ex = make("gpt", layers=2, hidden=64, heads=4, seq=32, batch=8, vocab=128)
+    view = build_view(ir.trace(ex.train_step, *ex.args))
+    cluster = mp.clusters.dgx_a100()
+    problem = build_problem(view, CommModel(cluster, LogicalMesh((2, 4), tuple(range(8)))),
+                            cluster.devices[0], Efficiency())
+    rng = np.random.default_rng(0)
+    checked = 0
+    for members in share_groups(problem)[:400]:
+        choice = [int(rng.integers(len(s))) for s in problem.strategies]
+        edges = [problem.edges[k] for k in members]
+        for c in {e.src for e in edges} | {e.dst for e in edges}:
+            vec = _share_vector(problem, members, c, choice)
+            if vec is None:
+                continue
+            exact = []
+            for s in range(len(problem.strategies[c])):
+                trial = list(choice)
+                trial[c] = s
+                only = dataclasses.replace(problem, edges=edges)
+                exact.append(objective_of(only, trial) - sum(
+                    float(x[trial[k]]) for k, x in enumerate(node_costs(only))))
+            np.testing.assert_allclose(vec, exact, rtol=1e-9, atol=1e-12)
+            checked += 1
+    assert checked > 100
+
+
+def test_a_transposed_mesh_is_solved_once_on_uniform_links():
+    ex = make("mlp", batch=16)
+    cluster = mp.clusters.dgx_a100()
+    shapes = [c.mesh.shape for c in candidates(cluster, mp.Constraints())]
+    assert (2, 4) in shapes and (4, 2) not in shapes
+    step = mp.auto_parallel(ex.train_step, cluster=cluster)
+    cost = {s: step.plan(*ex.args, constraints=mp.Constraints(mesh_shape=s),
+                         compare_baselines=False).cost.step_time for s in [(2, 4), (4, 2)]}
+    assert cost[(2, 4)] == pytest.approx(cost[(4, 2)], rel=1e-9)
+    # Two nodes: the axes differ (one crosses nodes), so both orders are candidates.
+    shapes = [c.mesh.shape for c in candidates(mp.clusters.dgx_a100(nodes=2),
+                                               mp.Constraints())]
+    assert (2, 8) in shapes and (8, 2) in shapes
 
 
 def _layouts(plan, prefix):
