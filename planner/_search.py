@@ -363,68 +363,35 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
         limits = [opts.memory_limit or min(d.memory_bytes for d in s.devices) for s in subs]
         hop = _hop(cluster, chunks)
         at_p: dict[int, float] = {}  # tp degree -> best step time with p stages
+        # On mixed devices the stage plan is solved on each generation's stage in turn
+        # (the layouts that suit an H100 stage may not suit an A100 one, and every stage
+        # runs the same layouts), and the best pipeline kept.
+        generations = [tuple(sorted(d.kind for d in s.devices)) for s in subs]
+        leads = [generations.index(g) for g in dict.fromkeys(generations)]
         for cand in stage_candidates(sub, c):
             tp_size = math.prod(sz for a, sz in zip(cand.names, cand.mesh.shape) if a == "tp")
             if tp_size in dropped:
                 continue
-            # The stage's own memory is checked per layer range below; the whole-step
-            # memory rows of the ILP do not apply to one stage.
-            # The stage ILP has no memory rows (its whole-step, whole-batch memory is not a
-            # stage's), so memory is kept in check by rule, as Megatron-LM does: weights
-            # and optimizer state whole over the stage's dp axis (ZeRO over dp is chosen by
-            # the pipeline model) and split over tp; weights moved between layouts are
-            # priced once per microbatch, for a typical count.
-            solved = solve_candidate(view, live, sub, cand, _STAGE_RULES, opts,
-                                     aliased, float("inf"), grouping, shared,
-                                     exact_memory=False,
-                                     weight_moves=_typical_microbatches(view, cand, p))
-            dp_axes = tuple(i for i, a in enumerate(solved.axis_names) if a.startswith("dp"))
-            costs = layer_costs(solved.problem, solved.result.choice, solved.assignment,
-                                layers, live, dp_axes, in_place)
-            # Calibrate the per-layer activation bytes once per tensor-parallel degree
-            # against the whole-step memory model (one memory pass, not one per stage).
-            tp = math.prod(s for a, s in zip(solved.axis_names, cand.mesh.shape)
-                           if not a.startswith("dp"))
-            if tp not in act_scale:
-                exact, _ = evaluate(solved.problem, solved.result.choice, live, aliased)
-                act_scale[tp] = costs.calibrated(exact.peak_memory).act_scale
-            costs = dataclasses.replace(costs, act_scale=act_scale[tp])
-            per_stage = _stage_costs(costs, solved, view, live, subs, kinds, layers, dp_axes,
-                                     in_place, opts, grouping, shared,
-                                     _typical_microbatches(view, cand, p))
-            # The stage plan's own speed (compute and collectives of all layers, memory
-            # aside): what the tp degree is compared on for pruning (below).
-            at_p[tp_size] = float(costs.forward.sum() + costs.backward.sum() +
-                                  costs.step.sum())
-            dp = costs.dp_size
-            per_replica = costs.batch // dp
-            if c.num_microbatches and (costs.batch % dp or per_replica % c.num_microbatches):
-                why.append(f"num_microbatches={c.num_microbatches} does not divide the "
-                           f"{per_replica} samples each of dp={dp} replicas gets from the "
-                           f"batch of {costs.batch}")
-                continue
-            choice = best_pipeline(
-                per_stage, p, limits, hop,
-                schedules=(c.schedule,) if c.schedule else SCHEDULES,
-                remats=(c.remat,) if c.remat else ("none", "full", "layers"),
-                zeros=(c.zero,) if c.zero is not None else ((0, 1, 3) if dp > 1 else (0,)),
-                microbatches=c.num_microbatches,
-                virtual=(c.virtual_stages,) if c.virtual_stages else (2,))
             label = f"pp{p} {cand.label}"
+            best, ruled_out = None, False
+            for lead in leads:
+                own, got = _stage_pipeline(view, live, cluster, c, opts, aliased, grouping,
+                                           shared, layers, in_place, act_scale, cand, p,
+                                           chunks, subs, kinds, lead, limits, hop, why)
+                at_p[tp_size] = min(at_p.get(tp_size, math.inf), own)
+                ruled_out = got == "ruled out"
+                if isinstance(got, Solved) and (
+                        best is None or got.pipeline.step_time < best.pipeline.step_time):
+                    best = got
+            if ruled_out:
+                continue  # the constraints cannot hold on this stage mesh (in `why`)
             if progress:
-                progress(f"{label}: " + ("no split fits" if choice is None else
-                                         f"{choice.step_time * 1e3:.3f} ms"))
-            if choice is not None and any(m > lim * (1 + 1e-9) for m, lim in
-                                          zip(choice.stage_memory, limits)):
-                choice = None  # interleaved chunks can overfill a device; never returned
-            if choice is None:
+                progress(f"{label}: " + ("no split fits" if best is None else
+                                         f"{best.pipeline.step_time * 1e3:.3f} ms"))
+            if best is None:
                 why.append(f"{label}: no split of the layers fits {_bytes(limit)} per device")
                 continue
-            cost = _pipeline_cost(costs, choice)
-            runs.append((label, dataclasses.replace(
-                solved, cost=cost, pipeline=choice,
-                stage_order=tuple(d for ch in chunks
-                                  for d in _stage_ids(cand.mesh.device_ids, ch)))))
+            runs.append((label, best))
         # A tensor-parallel degree whose stage plan is slower (compute and collectives,
         # memory aside) than the best by more than this margin with p stages is not tried
         # with more: that trade-off between tp and dp inside a stage changes little with
@@ -434,6 +401,73 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
             best = min(at_p.values())
             dropped |= {t for t, x in at_p.items() if x > _TP_PRUNE_MARGIN * best}
     return runs
+
+
+def _stage_pipeline(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions,
+                    aliased, grouping, shared, layers, in_place, act_scale: dict,
+                    cand: MeshCandidate, p: int, chunks, subs, kinds, lead: int, limits, hop,
+                    why: list[str]):
+    """The best pipeline of p stages whose shared intra-op plan is solved on stage
+    `lead`'s devices: (the stage plan's own time, the Solved with its pipeline), with
+    None instead of the Solved if no split fits, "ruled out" if the constraints cannot
+    hold on this stage mesh (the reason appended to `why`)."""
+    # The stage ILP has no memory rows (its whole-step, whole-batch memory is not a
+    # stage's), so memory is kept in check by rule, as Megatron-LM does: weights and
+    # optimizer state whole over the stage's dp axis (ZeRO over dp is chosen by the
+    # pipeline model) and split over tp; weights moved between layouts are priced once per
+    # microbatch, for a typical count. The stage's own memory is checked per layer range.
+    moves = _typical_microbatches(view, cand, p)
+    solved = solve_candidate(view, live, subs[lead], cand, _STAGE_RULES, opts, aliased,
+                             float("inf"), grouping, shared, exact_memory=False,
+                             weight_moves=moves)
+    dp_axes = tuple(i for i, a in enumerate(solved.axis_names) if a.startswith("dp"))
+    costs = layer_costs(solved.problem, solved.result.choice, solved.assignment, layers, live,
+                        dp_axes, in_place)
+    # Calibrate the per-layer activation bytes once per tensor-parallel degree against
+    # the whole-step memory model (one memory pass, not one per stage).
+    tp = math.prod(s for a, s in zip(solved.axis_names, cand.mesh.shape)
+                   if not a.startswith("dp"))
+    if tp not in act_scale:
+        exact, _ = evaluate(solved.problem, solved.result.choice, live, aliased)
+        act_scale[tp] = costs.calibrated(exact.peak_memory).act_scale
+    costs = dataclasses.replace(costs, act_scale=act_scale[tp])
+    per_stage = _stage_costs(costs, solved, view, live, subs, kinds, kinds[lead], layers,
+                             dp_axes, in_place, opts, grouping, shared, moves)
+    # The stage plan's own speed (compute and collectives of all layers, memory aside):
+    # what the tp degree is compared on for pruning.
+    own = float(costs.forward.sum() + costs.backward.sum() + costs.step.sum())
+    dp = costs.dp_size
+    per_replica = costs.batch // dp
+    if c.num_microbatches and (costs.batch % dp or per_replica % c.num_microbatches):
+        why.append(f"num_microbatches={c.num_microbatches} does not divide the "
+                   f"{per_replica} samples each of dp={dp} replicas gets from the "
+                   f"batch of {costs.batch}")
+        return own, "ruled out"
+    # On mixed devices, which generation runs the first stages (the embedding's) and
+    # which the last (the head's and the loss's) changes the split: both orders are tried,
+    # on the same per-stage costs (no new ILP).
+    orders = [tuple(range(p))] + ([tuple(range(p - 1, -1, -1))] if len(set(kinds)) > 1
+                                  else [])
+    tried = []
+    for seq in orders:
+        got = best_pipeline(
+            [per_stage[i] for i in seq], p, [limits[i] for i in seq],
+            hop if seq == orders[0] else _hop(cluster, [chunks[i] for i in seq]),
+            schedules=(c.schedule,) if c.schedule else SCHEDULES,
+            remats=(c.remat,) if c.remat else ("none", "full", "layers"),
+            zeros=(c.zero,) if c.zero is not None else ((0, 1, 3) if dp > 1 else (0,)),
+            microbatches=c.num_microbatches,
+            virtual=(c.virtual_stages,) if c.virtual_stages else (2,))
+        # Interleaved chunks can overfill a device: such a split is never returned.
+        if got is not None and all(m <= limits[i] * (1 + 1e-9)
+                                   for m, i in zip(got.stage_memory, seq)):
+            tried.append((got.step_time, seq, got))
+    if not tried:
+        return own, None
+    _, seq, choice = min(tried, key=lambda t: t[0])
+    return own, dataclasses.replace(
+        solved, cost=_pipeline_cost(costs, choice), pipeline=choice,
+        stage_order=tuple(d for i in seq for d in _stage_ids(cand.mesh.device_ids, chunks[i])))
 
 
 def _stage_kinds(subs: list[Cluster]) -> list[str]:
@@ -447,12 +481,13 @@ def _stage_kinds(subs: list[Cluster]) -> list[str]:
     return kinds
 
 
-def _stage_costs(costs, solved: Solved, view, live, subs, kinds, layers, dp_axes, in_place,
-                 opts: SearchOptions, grouping, shared, weight_moves) -> list:
-    """Per-stage layer costs: the first stage's plan (same layouts on every stage, as the
-    runtime applies one plan to all) re-costed on each unlike stage's devices and links,
-    e.g. an older GPU generation: its layers take longer, so the split gives it fewer."""
-    by_kind = {kinds[0]: costs}
+def _stage_costs(costs, solved: Solved, view, live, subs, kinds, base, layers, dp_axes,
+                 in_place, opts: SearchOptions, grouping, shared, weight_moves) -> list:
+    """Per-stage layer costs: the plan solved on a stage of kind `base` (same layouts on
+    every stage, as the runtime applies one plan to all) re-costed on each unlike stage's
+    devices and links, e.g. an older GPU generation: its layers take longer, so the split
+    gives it fewer."""
+    by_kind = {base: costs}
     cand, choice = solved.candidate, solved.result.choice
     for sub, kind in zip(subs, kinds):
         if kind in by_kind:
