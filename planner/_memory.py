@@ -349,16 +349,16 @@ def liveness(view: PlanningView) -> Liveness:
     src: dict[int, tuple[int, ...]] = {v: (v,) for v in args}
     reads_of_op: list[tuple[int, ...]] = []
     for op in ops:
-        # An ordered set: fused chains can read hundreds of buffers.
-        rd: dict[int, None] = {}
-        for v in op.inputs:
-            rd.update(dict.fromkeys(src.get(v, ())))
+        ins = op.inputs
         # Carries also read their initial value (copied into the loop state) and the
         # body's new value (written back each iteration).
         if op.prim == "carry":
-            for s in op.slots:
-                rd.update(dict.fromkeys(src.get(s.value, ())))
-        reads = tuple(rd)
+            ins = ins + tuple(s.value for s in op.slots)
+        if len(ins) == 1:
+            reads = src.get(ins[0], ())  # already an ordered set
+        else:
+            # An ordered set: fused chains can read hundreds of buffers.
+            reads = tuple(dict.fromkeys(b for v in ins for b in src.get(v, ())))
         reads_of_op.append(reads)
         for v in op.outputs:
             if v in arg_set:
