@@ -340,6 +340,9 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
     """Pipelined plans: for each stage count, each stage mesh's intra-op plan, cut into
     layers, with the best split, microbatches, schedule, remat and ZeRO stage."""
     n = cluster.num_devices
+    per_node = len(cluster.devices_of_node(cluster.node_of[0]))
+    if c.pp is None and not pipeline_degrees(n, n, c, per_node):
+        return []  # e.g. one node: no stage count fits, so no need to find the layers
     layers = find_layers(view, pairs) if c.pp != 1 else None
     if layers is None:
         if c.pp not in (None, 1):
@@ -353,7 +356,6 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
     act_scale: dict[int, float] = {}
     dropped: set[int] = set()
     runs = []
-    per_node = len(cluster.devices_of_node(cluster.node_of[0]))
     for p in pipeline_degrees(n, layers.num_layers, c, per_node):
         size = n // p
         chunks = [tuple(order[i * size:(i + 1) * size]) for i in range(p)]
