@@ -78,14 +78,20 @@ def objective_of(problem: Problem, choice, costs=None) -> float:
     costs = costs if costs is not None else node_costs(problem)
     total = sum(costs[c][s] for c, s in enumerate(choice))
     for members in share_groups(problem):
-        paid: dict[tuple, float] = {}
-        for k in members:
-            e = problem.edges[k]
-            i, j = e.src_keys[choice[e.src]], e.dst_keys[choice[e.dst]]
-            key = (i, e.dst_layouts[j] if e.dst_layouts else (k, j))
-            paid[key] = max(paid.get(key, 0.0), float(e.cost[i, j]))
-        total += sum(paid.values())
+        total += shared_cost(problem, members, choice)
     return float(total)
+
+
+def shared_cost(problem: Problem, members: list[int], choice) -> float:
+    """Seconds the readers `members` (edges of one produced value) pay under `choice`:
+    each distinct (producer layout, wanted layout) once, at its largest multiplicity."""
+    paid: dict[tuple, float] = {}
+    for k in members:
+        e = problem.edges[k]
+        i, j = e.src_keys[choice[e.src]], e.dst_keys[choice[e.dst]]
+        key = (i, e.dst_layouts[j] if e.dst_layouts else (k, j))
+        paid[key] = max(paid.get(key, 0.0), float(e.cost[i, j]))
+    return sum(paid.values())
 
 
 def greedy(problem: Problem, costs=None) -> tuple[int, ...]:
@@ -436,15 +442,6 @@ def refine(problem: Problem, choice: tuple[int, ...], memory_rows: tuple[MemoryR
                                                                for k in members}:
             touching.setdefault(c, []).append(gi)
 
-    def share_cost(gi, ch) -> float:
-        paid: dict[tuple, float] = {}
-        for k in shares[gi]:
-            e = problem.edges[k]
-            i, j = e.src_keys[ch[e.src]], e.dst_keys[ch[e.dst]]
-            key = (i, e.dst_layouts[j] if e.dst_layouts else (k, j))
-            paid[key] = max(paid.get(key, 0.0), float(e.cost[i, j]))
-        return sum(paid.values())
-
     def local_costs(c, ch) -> np.ndarray:
         """Class c's cost plus its shared reshards, per strategy, the others fixed."""
         local = costs[c].astype(float)
@@ -455,7 +452,7 @@ def refine(problem: Problem, choice: tuple[int, ...], memory_rows: tuple[MemoryR
                 vec = np.empty(len(local))
                 for s in range(len(local)):
                     trial[c] = s
-                    vec[s] = share_cost(gi, trial)
+                    vec[s] = shared_cost(problem, shares[gi], trial)
             local = local + vec
         return local
 

@@ -126,7 +126,7 @@ def candidates(cluster: Cluster, c: Constraints) -> list[MeshCandidate]:
 def _uniform_links(cluster: Cluster) -> bool:
     """One node of one device kind, no measured pair links: every pair is linked alike."""
     return (cluster.num_nodes == 1 and cluster.pair_bandwidth is None
-            and cluster.pair_latency is None and len({d for d in cluster.devices}) == 1)
+            and cluster.pair_latency is None and len(set(cluster.devices)) == 1)
 
 
 def _restrictions(names: tuple[str, ...] | None, c: Constraints,
@@ -364,7 +364,7 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
         kinds = _stage_kinds(subs)
         limits = [opts.memory_limit or min(d.memory_bytes for d in s.devices) for s in subs]
         hop = _hop(cluster, chunks)
-        at_p: dict[int, float] = {}  # tp degree -> best step time with p stages
+        at_p: dict[int, float] = {}  # tp degree -> its stage plan's own time with p stages
         # On mixed devices the stage plan is solved on each generation's stage in turn
         # (the layouts that suit an H100 stage may not suit an A100 one, and every stage
         # runs the same layouts), and the best pipeline kept.
