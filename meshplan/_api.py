@@ -203,6 +203,7 @@ class AutoParallel:
         from meshplan.planner._layers import find_layers
         from meshplan.planner._ops import build_view
         from meshplan.runtime._pipestep import PipelinedStep
+        from meshplan.runtime._scansplit import split_block_scans
         m = plan.pipeline.microbatches
         t = self.trace(*args)
         data = [i for i in t.graph.input_info if i.role == "data"]
@@ -221,17 +222,25 @@ class AutoParallel:
         labels = {op.node.id: (layers.op_pass[op.id], layers.op_layer[op.id])
                   for op in view.ops if op.node is not None and op.id in layers.op_pass
                   and op.mult == 1}
+        graph, origin, input_slices = tm.graph, {}, {}
+        if layers.scanned:  # one scan per stage (see meshplan.runtime._scansplit)
+            cut = split_block_scans(graph, labels, _scan_passes(graph, view, layers),
+                                    [s.layers for s in plan.stages], layers.num_blocks)
+            graph, labels, origin, input_slices = (cut.graph, cut.labels, cut.origin,
+                                                   cut.input_slices)
         micro_data = frozenset(i.value for i in tm.graph.input_info if i.role == "data")
-        runner = PipelinedStep(tm.graph, labels, plan, tm.graph.outputs, tm.pairs,
-                               sorted(micro_data), m)
-        # Measured once per step signature and microbatch count (plans differ in stages).
-        wkey = (self._key(micro_args), tuple(sorted(runner.accumulated)))
+        runner = PipelinedStep(graph, labels, plan, tm.graph.outputs, tm.pairs,
+                               sorted(micro_data), m, input_slices=input_slices)
+        # Measured once per step signature and microbatch count (plans differ in stages);
+        # a stacked value's pieces weigh as the whole.
+        wanted = sorted({origin.get(v, v) for v in runner.accumulated})
+        wkey = (self._key(micro_args), tuple(wanted))
         if wkey not in self._weights:
             self._weights[wkey] = _microbatch_weights(self, args, micro_args, double_args, tm,
-                                                      sorted(runner.accumulated), m)
-        runner.weights = self._weights[wkey]
+                                                      wanted, m)
+        runner.weights = {v: self._weights[wkey][origin.get(v, v)] for v in runner.accumulated}
         layouts = dict(zip(tm.graph.inputs, plan.in_layouts))
-        out_treedef, graph = tm.out_treedef, tm.graph
+        out_treedef = tm.out_treedef
 
         def step(*dyn):
             leaves = jax.tree_util.tree_leaves(dyn)
@@ -295,6 +304,22 @@ def _with_static(args, step, dyn):
     """Full argument tuple: `dyn` in the dynamic positions, the static ones kept."""
     it = iter(dyn)
     return tuple(args[i] if i in step.static_argnums else next(it) for i in range(len(args)))
+
+
+def _scan_passes(graph, view, layers) -> dict[int, str]:
+    """Top-level scan node id -> the pass it runs in: "forward" if any op of its body leads
+    to the loss, else "backward"."""
+    parent = {bn.id: n.id for n in graph.nodes if n.primitive == "scan"
+              for bn, _ in n.bodies[0].walk()}
+    out: dict[int, str] = {}
+    for op in view.ops:
+        scan = parent.get(op.node.id) if op.node is not None else None
+        if scan is not None and op.id in layers.op_pass:
+            if layers.op_pass[op.id] == "forward" or out.get(scan) == "forward":
+                out[scan] = "forward"
+            else:
+                out[scan] = "backward"
+    return out
 
 
 def _microbatch_weights(step, args, micro_args, double_args, tm, wanted, m) -> dict:

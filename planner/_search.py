@@ -299,6 +299,11 @@ def pipeline_degrees(n: int, num_layers: int, c: Constraints, per_node: int) -> 
         if c.pp > num_layers:
             raise ValueError(f"Constraints(pp={c.pp}) asks for more stages than the "
                              f"{num_layers} layers found (embedding, blocks, head).")
+        if c.virtual_stages and c.pp * c.virtual_stages > num_layers:
+            raise ValueError(
+                f"Constraints(pp={c.pp}, virtual_stages={c.virtual_stages}) asks for "
+                f"{c.pp * c.virtual_stages} stage chunks, more than the {num_layers} layers "
+                "found (embedding, blocks, head); use fewer virtual stages or stages.")
         return [c.pp]
     if c.mesh_shape is not None:
         return []  # a pinned mesh shape describes the whole, unpipelined mesh

@@ -28,6 +28,7 @@ Results equal the unpipelined step up to the summation order of the gradients.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -56,8 +57,12 @@ class PipelinedStep:
     """Callable(*flat dynamic leaves) -> flat outputs, for a plan with stages."""
 
     def __init__(self, graph, labels, plan, out_values: tuple[int, ...], pairs,
-                 data_values: list[int], microbatches: int, devices=None):
+                 data_values: list[int], microbatches: int, devices=None,
+                 input_slices: dict[int, tuple[int, int, int]] | None = None):
         self.graph, self.plan = graph, plan
+        # Stage pieces of stacked step inputs (a scanned model's block weights): piece ->
+        # (input, first, last + 1); see meshplan.runtime._scansplit.
+        self.input_slices = input_slices or {}
         self.m = microbatches
         self.p = len(plan.stages) // plan.pipeline.virtual_stages
         self.v = plan.pipeline.virtual_stages
@@ -100,10 +105,11 @@ class PipelinedStep:
         for node in g.nodes:
             kind, layer = labels.get(node.id, ("forward", 0))
             if layer < 0:
-                raise NotImplementedError(
-                    "pipelined execution splits unrolled layers; this step's layers are one "
-                    "scan, which the executor cannot split yet. Unroll the layers, or run "
-                    "the model through meshplan.runtime.pipeline_value_and_grad.")
+                raise ValueError(
+                    f"{node.primitive} (node {node.id}) runs in every block of a scan that "
+                    "the executor could not cut at the stage boundaries (see "
+                    "meshplan.runtime._scansplit); unroll the layers, or plan with "
+                    "Constraints(pp=1).")
             where[node.id] = (kind, self._stage_of_layer(layer))
         producer = {v: n for n in g.nodes for v in n.outputs}
         for node in g.nodes:  # forward: never before a forward producer's stage
@@ -249,6 +255,19 @@ class PipelinedStep:
             self._placed[key] = self._to(x, stage, self.layouts.get(v))
         return self._placed[key]
 
+    def _state_slice(self, v: int, inputs: dict, stage: int):
+        """Piece v of a stacked step input, sliced before it is sent to its stage."""
+        key = (v, stage % self.p)
+        if key not in self._placed:
+            src, a, b = self.input_slices[v]
+            layout = self.layouts.get(src)
+            if layout:  # a split of the layer dim that the piece cannot keep is dropped
+                mesh = self._mesh(stage)
+                n = math.prod(mesh.devices.shape[i] for i in layout[0])
+                layout = layout if (b - a) % n == 0 else ((),) + tuple(layout[1:])
+            self._placed[key] = self._to(inputs[src][a:b], stage, layout)
+        return self._placed[key]
+
     def _run(self, pr: _Program, env: dict, stage_inputs: dict) -> None:
         args = []
         for v in pr.inputs:
@@ -262,6 +281,8 @@ class PipelinedStep:
                 args.append(x)
             elif v in stage_inputs:
                 args.append(self._state(v, stage_inputs[v], pr.stage))
+            elif v in self.input_slices:
+                args.append(self._state_slice(v, stage_inputs, pr.stage))
             else:
                 raise RuntimeError(
                     f"program {pr.kind} of stage {pr.stage} reads value {v} before it exists: "

@@ -183,6 +183,12 @@ def test_pipeline_constraints_are_checked_with_remedies():
         mp.Constraints(pp=2, schedule="1f1b", virtual_stages=2)
     with pytest.raises(ValueError, match="pp=1"):
         mp.Constraints(pp=1, num_microbatches=4)
+    # More stage chunks than layers: said as such, not as "nothing fits in memory".
+    from meshplan.planner._search import pipeline_degrees
+    pinned = mp.Constraints(pp=4, schedule="interleaved", virtual_stages=2)
+    with pytest.raises(ValueError, match="8 stage chunks, more than the 6 layers"):
+        pipeline_degrees(8, 6, pinned, 8)
+    assert pipeline_degrees(8, 8, pinned, 8) == [4]
 
 
 def test_when_nothing_fits_the_error_names_the_smallest_memory_that_would(gpt4):

@@ -123,3 +123,52 @@ def test_recomputing_some_layers_runs_and_equals_unpipelined(gpts):
     assert size(runner, "backward") < size(full, "backward")
     assert size(runner, "backward") > size(step._pipelined(ex.args, dataclasses.replace(
         plan, pipeline=dataclasses.replace(plan.pipeline, remat="none"))).runner, "backward")
+
+
+def test_the_block_scan_is_cut_at_the_stage_boundaries():
+    import doctest
+    from meshplan.runtime import _scansplit
+    assert doctest.testmod(_scansplit).failed == 0
+    # Stages holding only the embedding or the head hold no scan steps.
+    assert _scansplit.block_ranges([(0, 1), (1, 5), (5, 6)], 4) == ((0, 4),)
+    assert _scansplit.block_ranges([(0, 3), (3, 6)], 4) == ((0, 2), (2, 4))
+
+
+SCANNED = [  # (example, devices, pp, schedule, tp, dp, remat); 4 blocks in one scan
+    ("gpt_scan", 8, 2, "1f1b", 2, 2, "none"),  # nnx.scan; tensor and data parallel
+    ("transformer_scan", 8, 2, "interleaved", 2, None, "none"),  # lax.scan; 4 chunks
+    ("transformer_scan", 4, 4, "gpipe", 1, 1, "full"),  # one block or more per stage
+]
+
+
+@pytest.mark.parametrize("name,devices,pp,schedule,tp,dp,remat", SCANNED)
+def test_a_scanned_model_runs_pipelined_and_equals_unpipelined(name, devices, pp, schedule,
+                                                               tp, dp, remat):
+    """The scan over the blocks is cut at the stage boundaries: each stage scans its own
+    blocks, with its own slice of the stacked weights, and the result is the whole step's."""
+    ex = make(name, layers=4)
+    ref = jax.jit(ex.train_step)(*ex.args)
+    step = mp.auto_parallel(ex.train_step, time_limit=3)
+    c = mp.Constraints(pp=pp, num_microbatches=4, schedule=schedule, tp=tp, dp=dp,
+                       virtual_stages=2 if schedule == "interleaved" else None, remat=remat)
+    plan = step.plan(*ex.args, constraints=c, cluster=mp.Cluster.local().subset(
+        list(range(devices))), compare_baselines=False)
+    run = step._jitted(ex.args, plan)
+    out = run(*ex.args)
+    assert max(_rel(a, b) for a, b in zip(out, ref)) < 1e-5
+    runner = run.runner
+    # Each stage's scans run exactly its blocks (pipeline layers 1..4 are scan steps 0..3).
+    blocks = {k: min(hi, 5) - max(lo, 1) for k, (lo, hi) in
+              enumerate(s.layers for s in plan.stages)}
+    for pr in runner.programs:
+        if pr.kind != "step":
+            trips = {n.trip_count for n in pr.nodes if n.primitive == "scan"}
+            assert trips <= {blocks[pr.stage]}, (pr.kind, pr.stage, trips)
+    # A stage holds only its own blocks' rows of each stacked weight, on its devices.
+    assert runner.input_slices
+    for (v, k), x in runner._placed.items():
+        if v in runner.input_slices:
+            src, a, b = runner.input_slices[v]
+            assert x.shape[0] == b - a < runner.graph.values[src].shape[0]
+            # Device k's submesh is plan.stages[k]'s (virtual stages k + p, ... share it).
+            assert {d.id for d in x.sharding.device_set} <= set(plan.stages[k].device_ids)

@@ -1,0 +1,239 @@
+"""Cut the scan over a model's stacked blocks into one scan per pipeline stage.
+
+A scanned model (`lax.scan` or `nnx.scan` over stacked block weights) runs all its blocks
+as one scan in the forward pass and one reversed scan in the backward pass. A pipeline
+stage holds a contiguous range of blocks, so the pipelined executor needs each of those
+scans cut at the stage boundaries:
+
+* the scan over blocks [0, L) becomes scans over [a_k, b_k), one per stage, chained by
+  their carry (the activations forward, their cotangent backward, where the reversed scan
+  runs the last stage's blocks first);
+* a stacked input of the scan (block weights, the forward pass's saved residuals) is read
+  as its slice [a_k, b_k); the step's own stacked weights are sliced where they are
+  placed, so a stage holds its own blocks' weights only; a residual stacked by stage k's forward scan and read by its
+  backward scan is handed over as that piece, never as a whole;
+* a stacked output read elsewhere (the weight gradients the optimizer reads) is
+  concatenated from its pieces where it is read.
+
+The optimizer's update of the stacked weights runs once per step on one stage (the stage
+holding the first block): it reads the whole stacked weights and gradients. Nothing else
+in the step changes: every piece runs the scan's own body, so results equal the uncut scan.
+
+>>> ranges = block_ranges([(0, 2), (2, 4), (4, 6)], num_blocks=4)  # pre+1 block, 2, 1+post
+>>> ranges
+((0, 1), (1, 3), (3, 4))
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import jax
+
+from meshplan.ir import Graph, Node, Value
+
+__all__ = ["SplitStep", "block_ranges", "split_block_scans"]
+
+SPREAD = -1  # planner._layers.SPREAD: a label spread over every block of the scan
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitStep:
+    """The step's graph with its block scans cut per stage.
+
+    graph: the new graph (same inputs and outputs); labels: node id -> (pass, layer) with
+    no SPREAD left; origin: a piece's value id -> the stacked value it is a slice of;
+    input_slices: pieces of the step's stacked weights and optimizer state, which no node
+    computes: the executor places each stage's slice on that stage alone.
+    """
+
+    graph: Graph
+    labels: dict[int, tuple[str, int]]
+    origin: dict[int, int]
+    input_slices: dict[int, tuple[int, int, int]]  # piece -> (step input, first, last + 1)
+
+
+def block_ranges(stage_layers, num_blocks: int) -> tuple[tuple[int, int], ...]:
+    """Scan iterations [a, b) of each stage's blocks, for stages holding any block.
+
+    Pipeline layer 0 is the embedding, 1..L the blocks (scan iterations 0..L-1), L + 1
+    the head.
+    """
+    out = []
+    for lo, hi in stage_layers:
+        a, b = max(lo, 1) - 1, min(hi, num_blocks + 1) - 1
+        if b > a:
+            out.append((a, b))
+    return tuple(out)
+
+
+def split_block_scans(graph: Graph, labels: dict[int, tuple[str, int]],
+                      scan_pass: dict[int, str], stage_layers,
+                      num_blocks: int) -> SplitStep:
+    """Cut every scan of `num_blocks` iterations in `scan_pass` (scan node id -> "forward"
+    or "backward") at the stage boundaries of `stage_layers` (each stage's (first, last+1)
+    pipeline layers). Labels of the step's other nodes are kept; SPREAD ones (the stacked
+    weights' update) go to the stage of the first block."""
+    ranges = block_ranges(stage_layers, num_blocks)
+    if not ranges:
+        raise ValueError(f"no stage of {list(stage_layers)} holds a block of the "
+                         f"{num_blocks}-block scan; plan again.")
+    return _Splitter(graph, labels, scan_pass, ranges).run()
+
+
+class _Splitter:
+    """One pass over the graph's nodes, emitting each block scan as its pieces."""
+
+    def __init__(self, graph, labels, scan_pass, ranges):
+        self.g, self.ranges = graph, ranges
+        self.scan_pass = {k: v for k, v in scan_pass.items()}
+        self.values = dict(graph.values)
+        self.labels = {k: v for k, v in labels.items()}
+        self.origin: dict[int, int] = {}
+        self.input_slices: dict[int, tuple[int, int, int]] = {}
+        self.state_inputs = {i.value for i in graph.input_info if i.role != "data"}
+        self.pieces: dict[int, tuple[int, ...]] = {}  # stacked value -> its per-range pieces
+        self.slices: dict[tuple[int, int, str], int] = {}
+        self.nodes: list[Node] = []
+        self._ids = itertools.count(max(itertools.chain(
+            self.values, (n.id for n, _ in graph.walk()))) + 1)
+        self.first_layer = ranges[0][0] + 1
+        self.readers = graph.consumers()
+
+    def run(self) -> SplitStep:
+        length = self.ranges[-1][1]
+        for node in self.g.nodes:
+            if node.id in self.scan_pass and node.eqn.params["length"] == length:
+                self._split(node)
+            else:
+                self.nodes.append(node)
+        labels = {k: (kind, self.first_layer if layer == SPREAD else layer)
+                  for k, (kind, layer) in self.labels.items()}
+        _feed_forward(self.nodes, labels)
+        graph = dataclasses.replace(self.g, values=self.values, nodes=self.nodes)
+        return SplitStep(graph, labels, self.origin, self.input_slices)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _split(self, node: Node) -> None:
+        p = node.eqn.params
+        nc, nk = p["num_consts"], p["num_carry"]
+        kind = self.scan_pass[node.id]
+        consts, carry = list(node.inputs[:nc]), list(node.inputs[nc:nc + nk])
+        xs, ys = node.inputs[nc + nk:], node.outputs[nk:]
+        order = range(len(self.ranges))
+        if p["reverse"]:  # a reversed scan runs its last blocks first
+            order = reversed(order)
+        y_pieces: dict[int, list] = {y: [None] * len(self.ranges) for y in ys}
+        order = list(order)
+        for step, k in enumerate(order):
+            a, b = self.ranges[k]
+            layer = a + 1
+            ins = consts + carry + [self._piece(x, k, kind, layer) for x in xs]
+            last = step == len(order) - 1
+            carry_out = list(node.outputs[:nk]) if last else [self._new(v, None) for v in
+                                                              node.outputs[:nk]]
+            outs = []
+            for y in ys:
+                piece = self._new(y, b - a)
+                y_pieces[y][k] = piece
+                outs.append(piece)
+            eqn = node.eqn.replace(params={**p, "length": b - a})
+            self._emit(Node(next(self._ids), "scan", tuple(ins), tuple(carry_out + outs),
+                            0.0, 0.0, None, eqn, node.bodies, b - a, node.recompute),
+                       (kind, layer))
+            carry = carry_out
+        for y in ys:
+            self.pieces[y] = tuple(y_pieces[y])
+            self._join(y, kind)
+
+    def _piece(self, x: int, k: int, kind: str, layer: int) -> int:
+        """Stacked value x's slice for range k: a piece already made, or a new slice."""
+        if x in self.pieces:
+            return self.pieces[x][k]
+        a, b = self.ranges[k]
+        if x in self.state_inputs:  # one slice per stage, placed there by the executor
+            key = (x, k, "state")
+            if key not in self.slices:
+                self.slices[key] = self._new(x, b - a)
+                self.input_slices[self.slices[key]] = (x, a, b)
+            return self.slices[key]
+        key = (x, k, kind)
+        if key not in self.slices:
+            val = self.values[x]
+            out = self._new(x, b - a)
+            eqn = _eqn(lambda t: jax.lax.slice_in_dim(t, a, b, axis=0), val)
+            self._emit(Node(next(self._ids), "slice", (x,), (out,), 0.0, 0.0, None, eqn),
+                       (kind, layer))
+            self.slices[key] = out
+        return self.slices[key]
+
+    def _join(self, y: int, kind: str) -> None:
+        """Stacked output y, whole again where something other than a cut scan reads it
+        (as a stacked input, a cut scan reads its pieces)."""
+        readers = [n for n in self.readers.get(y, ()) if not self._reads_as_xs(n, y)]
+        if not readers and y not in self.g.outputs:
+            return
+        passes = {self.labels.get(n.id, (kind, 0))[0] for n in readers}
+        # Weight gradients read only by the update are joined once per step, after each
+        # piece was accumulated over the microbatches on its own stage.
+        when = "step" if passes == {"step"} else kind
+        pieces = self.pieces[y]
+        eqn = _eqn(lambda *t: jax.lax.concatenate(t, 0), *[self.values[v] for v in pieces])
+        layer = self.ranges[-1][0] + 1 if when == "forward" else self.first_layer
+        self._emit(Node(next(self._ids), "concatenate", pieces, (y,), 0.0, 0.0, None, eqn),
+                   (when, layer))
+
+    def _reads_as_xs(self, node: Node, v: int) -> bool:
+        if node.id not in self.scan_pass:
+            return False
+        p = node.eqn.params
+        return v in node.inputs[p["num_consts"] + p["num_carry"]:]
+
+    def _new(self, like: int, length: int | None) -> int:
+        """A new value shaped as `like` (with `length` leading rows if given)."""
+        val = self.values[like]
+        shape = val.shape if length is None else (length,) + val.shape[1:]
+        v = next(self._ids)
+        self.values[v] = Value(v, shape, val.dtype)
+        if length is not None:
+            self.origin[v] = self.origin.get(like, like)
+        return v
+
+    def _emit(self, node: Node, label: tuple[str, int]) -> None:
+        self.nodes.append(node)
+        self.labels[node.id] = label
+
+
+def _feed_forward(nodes: list[Node], labels: dict) -> None:
+    """Ops that a per-microbatch pass reads run in that pass, no later than its readers.
+
+    Inside a block scan some ops only compute what the backward pass needs, so an input
+    only they read (a zero constant for a select's derivative) is labelled backward in
+    planning, and a constant the backward scan reads may be labelled as once-per-step
+    work. A cut scan runs whole in its pass and needs them there: in the forward pass at
+    the first stage reading them, in the backward pass at the first stage reading them
+    (the backward pass runs the stages last to first).
+    """
+    readers: dict[int, list[int]] = {}
+    for node in nodes:
+        for v in node.inputs:
+            readers.setdefault(v, []).append(node.id)
+    for node in reversed(nodes):  # readers first, so a chain of such ops moves together
+        kind, _ = labels.get(node.id, ("forward", 0))
+        if kind == "forward":
+            continue
+        read = [labels[r] for v in node.outputs for r in readers.get(v, ()) if r in labels]
+        fwd = [layer for k, layer in read if k == "forward"]
+        bwd = [layer for k, layer in read if k == "backward"]
+        if fwd:
+            labels[node.id] = ("forward", min(fwd))
+        elif kind == "step" and bwd:
+            labels[node.id] = ("backward", max(bwd))
+
+
+def _eqn(fn, *values: Value):
+    """The one equation `fn` traces to on arrays shaped as `values`."""
+    jaxpr = jax.make_jaxpr(fn)(*[jax.ShapeDtypeStruct(v.shape, v.dtype) for v in values])
+    (eqn,) = jaxpr.eqns
+    return eqn
