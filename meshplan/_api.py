@@ -222,15 +222,16 @@ class AutoParallel:
         labels = {op.node.id: (layers.op_pass[op.id], layers.op_layer[op.id])
                   for op in view.ops if op.node is not None and op.id in layers.op_pass
                   and op.mult == 1}
-        graph, origin, input_slices = tm.graph, {}, {}
+        graph, origin, input_slices, output_pieces = tm.graph, {}, {}, {}
         if layers.scanned:  # one scan per stage (see meshplan.runtime._scansplit)
             cut = split_block_scans(graph, labels, _scan_passes(graph, view, layers),
                                     [s.layers for s in plan.stages], layers.num_blocks)
-            graph, labels, origin, input_slices = (cut.graph, cut.labels, cut.origin,
-                                                   cut.input_slices)
+            graph, labels, origin = cut.graph, cut.labels, cut.origin
+            input_slices, output_pieces = cut.input_slices, cut.output_pieces
         micro_data = frozenset(i.value for i in tm.graph.input_info if i.role == "data")
         runner = PipelinedStep(graph, labels, plan, tm.graph.outputs, tm.pairs,
-                               sorted(micro_data), m, input_slices=input_slices)
+                               sorted(micro_data), m, input_slices=input_slices,
+                               output_pieces=output_pieces)
         # Measured once per step signature and microbatch count (plans differ in stages);
         # a stacked value's pieces weigh as the whole.
         wanted = sorted({origin.get(v, v) for v in runner.accumulated})
@@ -247,7 +248,18 @@ class AutoParallel:
             state = {v: x for v, x in zip(graph.inputs, leaves) if v not in micro_data}
             batch = {v: x for v, x in zip(graph.inputs, leaves) if v in micro_data}
             return jax.tree_util.tree_unflatten(out_treedef, runner(state, batch, layouts))
+        def memory_peaks(*dyn) -> dict[int, int]:
+            """Runs one step; device id -> the most bytes it held at once (arrays the step
+            holds plus XLA's temporaries of the program running)."""
+            leaves = jax.tree_util.tree_leaves(dyn)
+            state = {v: x for v, x in zip(graph.inputs, leaves) if v not in micro_data}
+            batch = {v: x for v, x in zip(graph.inputs, leaves) if v in micro_data}
+            peaks: dict[int, int] = {}
+            runner(state, batch, layouts, profile=peaks)
+            return peaks
+
         step.runner = runner  # the programs, for inspection
+        step.memory_peaks = memory_peaks
         return step
 
     def _jitted(self, args, plan: Plan | None = None):

@@ -28,6 +28,7 @@ Results equal the unpipelined step up to the summation order of the gradients.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any
 
@@ -50,7 +51,9 @@ class _Program:
     nodes: list
     inputs: list[int] = dataclasses.field(default_factory=list)
     outputs: list[int] = dataclasses.field(default_factory=list)
+    drop: list[int] = dataclasses.field(default_factory=list)  # inputs read last here
     fn: Any = None
+    temp: int | None = None  # XLA's temporary bytes per device (when profiled)
 
 
 class PipelinedStep:
@@ -58,11 +61,14 @@ class PipelinedStep:
 
     def __init__(self, graph, labels, plan, out_values: tuple[int, ...], pairs,
                  data_values: list[int], microbatches: int, devices=None,
-                 input_slices: dict[int, tuple[int, int, int]] | None = None):
+                 input_slices: dict[int, tuple[int, int, int]] | None = None,
+                 output_pieces: dict[int, tuple[int, ...]] | None = None):
         self.graph, self.plan = graph, plan
         # Stage pieces of stacked step inputs (a scanned model's block weights): piece ->
-        # (input, first, last + 1); see meshplan.runtime._scansplit.
+        # (input, first, last + 1), and results assembled from the stages' pieces (the
+        # updated stacked weights); see meshplan.runtime._scansplit.
         self.input_slices = input_slices or {}
+        self.output_pieces = output_pieces or {}
         self.m = microbatches
         self.p = len(plan.stages) // plan.pipeline.virtual_stages
         self.v = plan.pipeline.virtual_stages
@@ -83,6 +89,7 @@ class PipelinedStep:
         # Per accumulated value, its weight per microbatch: 1/m for a mean over the batch
         # (the default), 1 for a sum; set from a measurement by the caller.
         self.weights = {v: 1.0 / microbatches for v in self.accumulated}
+        self._profile = None
 
     # ------------------------------------------------------------------ building
 
@@ -209,7 +216,7 @@ class PipelinedStep:
             pr.inputs = list(seen)
             for v in pr.inputs:
                 readers.setdefault(v, set()).add(i)
-        outs = set(self.out_values)
+        outs = set(self.out_values) | {u for ps in self.output_pieces.values() for u in ps}
         for i, pr in enumerate(order):
             pr.outputs = [v for node in pr.nodes for v in node.outputs
                           if v in outs or readers.get(v, set()) - {i}]
@@ -227,6 +234,19 @@ class PipelinedStep:
                    if v in produced_by and produced_by[v].kind != "step"}
         self.accumulated = handed & from_data
         self.passed = handed - from_data
+        # A microbatch's value is dropped after the last of its per-microbatch readers has
+        # run (forward stages in order, then backward stages in reverse): a stage's saved
+        # activations go when its backward is done, as the schedule's memory model has it.
+        per_micro = [pr for pr in order if pr.kind != "step"]
+        rank = lambda pr: (pr.kind == "backward", -pr.stage if pr.kind == "backward"
+                           else pr.stage)
+        last: dict[int, _Program] = {}
+        for pr in sorted(per_micro, key=rank):
+            for v in pr.inputs:
+                last[v] = pr
+        keep = handed | outs
+        for pr in per_micro:
+            pr.drop = [v for v in pr.inputs if last[v] is pr and v not in keep]
         self._axpy = jax.jit(lambda acc, xs, ws: [a + (w * x).astype(a.dtype)
                                                     for a, x, w in zip(acc, xs, ws)])
         interp = Interpreter(self.graph, dataclasses.replace(self.plan, value_layouts={},
@@ -289,21 +309,39 @@ class PipelinedStep:
                     "the step's layers do not run in pipeline order.")
         for v, x in zip(pr.outputs, pr.fn(*args)):
             env[v] = x
+        if self._profile is not None:
+            self._sample(pr, args)
+        for v in pr.drop:
+            env.pop(v, None)
 
-    def __call__(self, flat_inputs: dict[int, Any], data: dict[int, Any], layouts):
+    def __call__(self, flat_inputs: dict[int, Any], data: dict[int, Any], layouts,
+                 profile: dict | None = None):
         """Run one step. flat_inputs: graph input value -> array (state); data: graph input
-        value -> the whole batch (split here into microbatches)."""
+        value -> the whole batch (split here into microbatches).
+
+        profile: if a dict, it receives device id -> the most bytes that device held at
+        once (see `_sample`).
+        """
         self.layouts = layouts
         self._placed: dict = {}
+        self._profile = profile
         m = self.m
         envs = [dict() for _ in range(m)]
         for v, x in data.items():
             b = x.shape[0] // m
             for i in range(m):
                 envs[i][v] = x[i * b:(i + 1) * b]
+        acc: dict[int, Any] = {}
+        self._live = (envs, acc)
+        # Every stage's state is on its devices for the whole step, as in a long run.
+        for pr in self.programs:
+            for v in pr.inputs:
+                if v in flat_inputs and v not in self.data_values:
+                    self._state(v, flat_inputs[v], pr.stage)
+                elif v in self.input_slices:
+                    self._state_slice(v, flat_inputs, pr.stage)
         per_micro = [p for p in self.programs if p.kind != "step"]
         by_key = {(p.kind, p.stage): p for p in per_micro}
-        acc: dict[int, Any] = {}
         table = schedule_table(self.p, m, self.plan.pipeline.schedule, self.v)
         for row in table:
             for s, (kind, i, c) in enumerate(row.tolist()):
@@ -322,7 +360,61 @@ class PipelinedStep:
         for pr in self.programs:
             if pr.kind == "step":
                 self._run(pr, env, flat_inputs)
+        for v, pieces in self.output_pieces.items():
+            env[v] = self._assemble([env.pop(u) for u in pieces])
         return [env[v] if v in env else flat_inputs[v] for v in self.out_values]
+
+    def _assemble(self, pieces: list):
+        """One array from its stages' row blocks: without a copy when each device stage
+        holds one equal block (a sharding over a stage-major mesh), else concatenated on
+        the first piece's devices."""
+        shardings = [x.sharding for x in pieces]
+        meshes = [sh.mesh for sh in shardings if isinstance(sh, NamedSharding)]
+        if len(meshes) == len(pieces) == self.p and len({x.shape for x in pieces}) == 1 and \
+                len({m.devices.shape for m in meshes}) == 1 and \
+                len({sh.spec for sh in shardings}) == 1:
+            names = tuple(meshes[0].axis_names)
+            stage = "stage"
+            while stage in names:
+                stage += "_"
+            mesh = Mesh(np.stack([m.devices for m in meshes]), (stage,) + names,
+                        axis_types=(jax.sharding.AxisType.Auto,) * (len(names) + 1))
+            spec = tuple(shardings[0].spec) or (None,)
+            first = spec[0] if isinstance(spec[0], tuple) else (() if spec[0] is None
+                                                                  else (spec[0],))
+            shape = (sum(x.shape[0] for x in pieces),) + pieces[0].shape[1:]
+            return jax.make_array_from_single_device_arrays(
+                shape, NamedSharding(mesh, P((stage,) + first, *spec[1:])),
+                [shard.data for x in pieces for shard in x.addressable_shards])
+        home = shardings[0]
+        whole = jax.numpy.concatenate([jax.device_put(x, home) for x in pieces])
+        if self._profile is not None:  # held with its pieces, on the first stage
+            self._sample_arrays(itertools.chain(pieces, [whole]), (), 0)
+        return whole
+
+    def _sample(self, pr: _Program, args) -> None:
+        """Bytes per device just after `pr` ran: every array the step holds then (state,
+        in-flight microbatches' values, accumulated gradients, the program's arguments
+        and results), plus the temporaries XLA allocated for `pr` on its devices."""
+        if pr.temp is None:
+            pr.temp = pr.fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+        self._sample_arrays(args, self._mesh(pr.stage).devices.flat, pr.temp)
+
+    def _sample_arrays(self, extra, devices, temp: int) -> None:
+        """Records the bytes each device holds: the step's live arrays, `extra`, and
+        `temp` more on each of `devices`."""
+        envs, acc = self._live
+        arrays = {id(x): x for x in itertools.chain(
+            self._placed.values(), acc.values(), extra,
+            (x for env in envs for x in env.values())) if hasattr(x, "addressable_shards")}
+        held: dict[int, int] = {}
+        for x in arrays.values():
+            for shard in x.addressable_shards:
+                held[shard.device.id] = held.get(shard.device.id, 0) + shard.data.nbytes
+        for d in devices:
+            held[d.id] = held.get(d.id, 0) + temp
+        for d, b in held.items():
+            self._profile[d] = max(self._profile.get(d, 0), b)
 
     def _accumulate(self, acc: dict, env: dict) -> None:
         for v in self.passed:

@@ -15,9 +15,11 @@ scans cut at the stage boundaries:
 * a stacked output read elsewhere (the weight gradients the optimizer reads) is
   concatenated from its pieces where it is read.
 
-The optimizer's update of the stacked weights runs once per step on one stage (the stage
-holding the first block): it reads the whole stacked weights and gradients. Nothing else
-in the step changes: every piece runs the scan's own body, so results equal the uncut scan.
+The optimizer's update of the stacked weights is elementwise (Adam, SGD, their decays and
+schedules), so each stage updates its own rows, and the updated stacked weights are
+assembled from the stages' rows once per step. An update op that is not elementwise (a
+norm over all layers, for clipping) reads the whole stack, joined on the stage of the
+first block. Every piece runs the scan's own body, so results equal the uncut scan.
 
 >>> ranges = block_ranges([(0, 2), (2, 4), (4, 6)], num_blocks=4)  # pre+1 block, 2, 1+post
 >>> ranges
@@ -31,6 +33,7 @@ import itertools
 import jax
 
 from meshplan.ir import Graph, Node, Value
+from meshplan.ir._dims import ELEMENTWISE
 
 __all__ = ["SplitStep", "block_ranges", "split_block_scans"]
 
@@ -44,13 +47,15 @@ class SplitStep:
     graph: the new graph (same inputs and outputs); labels: node id -> (pass, layer) with
     no SPREAD left; origin: a piece's value id -> the stacked value it is a slice of;
     input_slices: pieces of the step's stacked weights and optimizer state, which no node
-    computes: the executor places each stage's slice on that stage alone.
+    computes: the executor places each stage's slice on that stage alone; output_pieces:
+    results (the updated stacked weights) that the executor assembles from their pieces.
     """
 
     graph: Graph
     labels: dict[int, tuple[str, int]]
     origin: dict[int, int]
     input_slices: dict[int, tuple[int, int, int]]  # piece -> (step input, first, last + 1)
+    output_pieces: dict[int, tuple[int, ...]]  # step output -> its pieces, stage by stage
 
 
 def block_ranges(stage_layers, num_blocks: int) -> tuple[tuple[int, int], ...]:
@@ -99,19 +104,37 @@ class _Splitter:
             self.values, (n.id for n, _ in graph.walk()))) + 1)
         self.first_layer = ranges[0][0] + 1
         self.readers = graph.consumers()
+        length = ranges[-1][1]
+        self.cut = {n.id for n in graph.nodes if n.id in scan_pass and
+                    n.eqn.params["length"] == length}
+        self.rowwise = {n.id for n in graph.nodes if self._rowwise(n, length)}
+        self.output_pieces: dict[int, tuple[int, ...]] = {}
 
     def run(self) -> SplitStep:
-        length = self.ranges[-1][1]
         for node in self.g.nodes:
-            if node.id in self.scan_pass and node.eqn.params["length"] == length:
+            if node.id in self.cut:
                 self._split(node)
+            elif node.id in self.rowwise:
+                self._split_rowwise(node)
             else:
                 self.nodes.append(node)
         labels = {k: (kind, self.first_layer if layer == SPREAD else layer)
                   for k, (kind, layer) in self.labels.items()}
         _feed_forward(self.nodes, labels)
         graph = dataclasses.replace(self.g, values=self.values, nodes=self.nodes)
-        return SplitStep(graph, labels, self.origin, self.input_slices)
+        return SplitStep(graph, labels, self.origin, self.input_slices, self.output_pieces)
+
+    def _rowwise(self, node: Node, length: int) -> bool:
+        """An update op of the stacked weights that works row by row (elementwise on
+        arrays of the stacked shape, with scalars): it runs on each stage's rows."""
+        if self.labels.get(node.id) != ("step", SPREAD) or node.primitive not in ELEMENTWISE:
+            return False
+        shapes = {self.values[v].shape for v in node.outputs}
+        if len(shapes) != 1:
+            return False
+        (shape,) = shapes
+        return bool(shape) and shape[0] == length and all(
+            self.values[v].shape in ((), shape) for v in node.inputs)
 
     # ------------------------------------------------------------------ pieces
 
@@ -147,6 +170,24 @@ class _Splitter:
             self.pieces[y] = tuple(y_pieces[y])
             self._join(y, kind)
 
+    def _split_rowwise(self, node: Node) -> None:
+        """One copy of the op per stage, on that stage's rows (the same equation: an
+        elementwise op has no shape parameters)."""
+        outs: dict[int, list[int]] = {y: [] for y in node.outputs}
+        for k, (a, b) in enumerate(self.ranges):
+            layer = a + 1
+            ins = [v if not self.values[v].shape else self._piece(v, k, "step", layer)
+                   for v in node.inputs]
+            made = [self._new(y, b - a) for y in node.outputs]
+            for y, piece in zip(node.outputs, made):
+                outs[y].append(piece)
+            self._emit(Node(next(self._ids), node.primitive, tuple(ins), tuple(made),
+                            node.flops, node.bytes_accessed, None, node.eqn),
+                       ("step", layer))
+        for y in node.outputs:
+            self.pieces[y] = tuple(outs[y])
+            self._join(y, "step")
+
     def _piece(self, x: int, k: int, kind: str, layer: int) -> int:
         """Stacked value x's slice for range k: a piece already made, or a new slice."""
         if x in self.pieces:
@@ -171,8 +212,11 @@ class _Splitter:
     def _join(self, y: int, kind: str) -> None:
         """Stacked output y, whole again where something other than a cut scan reads it
         (as a stacked input, a cut scan reads its pieces)."""
-        readers = [n for n in self.readers.get(y, ()) if not self._reads_as_xs(n, y)]
-        if not readers and y not in self.g.outputs:
+        readers = [n for n in self.readers.get(y, ()) if not self._reads_as_xs(n, y)
+                   and n.id not in self.rowwise]
+        if not readers:
+            if y in self.g.outputs:  # the executor assembles it from the stages' rows
+                self.output_pieces[y] = self.pieces[y]
             return
         passes = {self.labels.get(n.id, (kind, 0))[0] for n in readers}
         # Weight gradients read only by the update are joined once per step, after each
@@ -185,7 +229,7 @@ class _Splitter:
                    (when, layer))
 
     def _reads_as_xs(self, node: Node, v: int) -> bool:
-        if node.id not in self.scan_pass:
+        if node.id not in self.cut:
             return False
         p = node.eqn.params
         return v in node.inputs[p["num_consts"] + p["num_carry"]:]

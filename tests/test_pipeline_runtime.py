@@ -164,8 +164,11 @@ def test_a_scanned_model_runs_pipelined_and_equals_unpipelined(name, devices, pp
         if pr.kind != "step":
             trips = {n.trip_count for n in pr.nodes if n.primitive == "scan"}
             assert trips <= {blocks[pr.stage]}, (pr.kind, pr.stage, trips)
-    # A stage holds only its own blocks' rows of each stacked weight, on its devices.
-    assert runner.input_slices
+    # A stage holds only its own blocks' rows of each stacked weight, on its devices, and
+    # updates them there (the updated stack is assembled from the stages' rows).
+    assert runner.input_slices and runner.output_pieces
+    assert not any(n.primitive == "concatenate" and runner.graph.values[n.outputs[0]].shape[:1]
+                   == (4,) for pr in runner.programs for n in pr.nodes if pr.kind == "step")
     for (v, k), x in runner._placed.items():
         if v in runner.input_slices:
             src, a, b = runner.input_slices[v]
