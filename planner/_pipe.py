@@ -419,8 +419,9 @@ def _compute_tables(c: LayerCosts, s: Setting):
     held = 2 * weights + opt + outputs
     act = c.act_scale * np.where(rm, c.inputs, c.saved) / s.m
     # An op's input and its output of the largest size are live together; a recomputed
-    # layer also rebuilds its saved activations while its backward runs.
-    work = c.act_scale * (2 * c.working + np.where(rm, c.saved, 0.0)) / s.m
+    # layer rebuilds its saved activations (the largest value among them) while its
+    # backward runs, next to one more value that large.
+    work = c.act_scale * np.where(rm, c.working + c.saved, 2 * c.working) / s.m
     return f, b, c.step, held, act, work
 
 

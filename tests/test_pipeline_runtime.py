@@ -175,3 +175,21 @@ def test_a_scanned_model_runs_pipelined_and_equals_unpipelined(name, devices, pp
             assert x.shape[0] == b - a < runner.graph.values[src].shape[0]
             # Device k's submesh is plan.stages[k]'s (virtual stages k + p, ... share it).
             assert {d.id for d in x.sharding.device_set} <= set(plan.stages[k].device_ids)
+
+
+def test_predicted_stage_memory_matches_what_the_pipeline_holds(gpts):
+    """Per stage, the planner's peak bytes per device are within 25 % of the executor's
+    measured peak (live arrays + XLA's temporaries, see benchmarks/pipeline_memory.py), and
+    1F1B's first stage holds fewer microbatches' activations than GPipe's."""
+    ex, _, step = gpts[4]
+    first = {}
+    for schedule in ("gpipe", "1f1b"):
+        c = mp.Constraints(pp=2, num_microbatches=4, schedule=schedule, tp=2, dp=2)
+        plan = step.plan(*ex.args, constraints=c, compare_baselines=False)
+        peaks = step._jitted(ex.args, plan).memory_peaks(*ex.args)
+        predicted = dict(plan.cost.memory)
+        for k, st in enumerate(plan.stages):
+            measured = max(peaks[d] for d in st.device_ids)
+            assert abs(predicted[f"stage {k}"] / measured - 1) <= 0.25, (schedule, k)
+        first[schedule] = max(peaks[d] for d in plan.stages[0].device_ids)
+    assert first["1f1b"] < first["gpipe"], first
