@@ -240,13 +240,18 @@ class PipelinedStep:
         per_micro = [pr for pr in order if pr.kind != "step"]
         rank = lambda pr: (pr.kind == "backward", -pr.stage if pr.kind == "backward"
                            else pr.stage)
-        last: dict[int, _Program] = {}
-        for pr in sorted(per_micro, key=rank):
+        ranked = sorted(per_micro, key=rank)
+        last: dict[int, int] = {}
+        for i, pr in enumerate(ranked):
             for v in pr.inputs:
-                last[v] = pr
+                last[v] = i
         keep = handed | outs
-        for pr in per_micro:
-            pr.drop = [v for v in pr.inputs if last[v] is pr and v not in keep]
+        for i, pr in enumerate(ranked):
+            # Inputs read here for the last time, and results no later program reads (a
+            # backward program that recomputes its stage's forward also remakes the
+            # stage's output, which the next stage has already consumed).
+            pr.drop = [v for v in pr.inputs + pr.outputs
+                       if last.get(v, -1) <= i and v not in keep]
         self._axpy = jax.jit(lambda acc, xs, ws: [a + (w * x).astype(a.dtype)
                                                     for a, x, w in zip(acc, xs, ws)])
         interp = Interpreter(self.graph, dataclasses.replace(self.plan, value_layouts={},
@@ -357,6 +362,7 @@ class PipelinedStep:
                     self._accumulate(acc, envs[i])
                     envs[i] = {}
         env = dict(acc)
+        envs.append(env)  # the update's values are live too (see `_sample`)
         for pr in self.programs:
             if pr.kind == "step":
                 self._run(pr, env, flat_inputs)
@@ -386,7 +392,11 @@ class PipelinedStep:
             return jax.make_array_from_single_device_arrays(
                 shape, NamedSharding(mesh, P((stage,) + first, *spec[1:])),
                 [shard.data for x in pieces for shard in x.addressable_shards])
-        home = shardings[0]
+        # The first piece's devices, with the layer dim whole (the pieces may split it
+        # differently, or not at all where their rows did not divide).
+        first = shardings[0]
+        home = NamedSharding(first.mesh, P(None, *tuple(first.spec)[1:])) \
+            if isinstance(first, NamedSharding) else first
         whole = jax.numpy.concatenate([jax.device_put(x, home) for x in pieces])
         if self._profile is not None:  # held with its pieces, on the first stage
             self._sample_arrays(itertools.chain(pieces, [whole]), (), 0)

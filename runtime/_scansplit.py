@@ -12,8 +12,8 @@ scans cut at the stage boundaries:
   as its slice [a_k, b_k); the step's own stacked weights are sliced where they are
   placed, so a stage holds its own blocks' weights only; a residual stacked by stage k's forward scan and read by its
   backward scan is handed over as that piece, never as a whole;
-* a stacked output read elsewhere (the weight gradients the optimizer reads) is
-  concatenated from its pieces where it is read.
+* a stacked output read whole elsewhere (by an update op that is not elementwise, or
+  returned from a pass per microbatch) is concatenated from its pieces where it is read.
 
 The optimizer's update of the stacked weights is elementwise (Adam, SGD, their decays and
 schedules), so each stage updates its own rows, and the updated stacked weights are
@@ -214,9 +214,13 @@ class _Splitter:
         (as a stacked input, a cut scan reads its pieces)."""
         readers = [n for n in self.readers.get(y, ()) if not self._reads_as_xs(n, y)
                    and n.id not in self.rowwise]
-        if not readers:
-            if y in self.g.outputs:  # the executor assembles it from the stages' rows
-                self.output_pieces[y] = self.pieces[y]
+        if not readers and y not in self.g.outputs:
+            return
+        if not readers and kind == "step":
+            # A result of the row-wise update (the new stacked weights): the executor
+            # assembles it from the stages' rows. A per-microbatch result is joined below,
+            # so that it is accumulated over the microbatches as a whole.
+            self.output_pieces[y] = self.pieces[y]
             return
         passes = {self.labels.get(n.id, (kind, 0))[0] for n in readers}
         # Weight gradients read only by the update are joined once per step, after each
