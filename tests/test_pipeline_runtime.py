@@ -193,3 +193,27 @@ def test_predicted_stage_memory_matches_what_the_pipeline_holds(gpts):
             assert abs(predicted[f"stage {k}"] / measured - 1) <= 0.25, (schedule, k)
         first[schedule] = max(peaks[d] for d in plan.stages[0].device_ids)
     assert first["1f1b"] < first["gpipe"], first
+
+
+def test_a_scanned_step_may_return_a_stacked_gradient_itself():
+    """A stacked result of the backward pass (a per-layer gradient returned beside the
+    update) is joined from the stages' pieces and accumulated over the microbatches."""
+    import optax
+    from meshplan.examples import transformer
+
+    ex = make("transformer_scan", layers=4)
+    tx = optax.adamw(1e-3)  # the example's own optimizer
+
+    def with_grad(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(transformer._loss)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, grads["layers"]["mlp"]["w1"]
+
+    ref = jax.jit(with_grad)(*ex.args)
+    step = mp.auto_parallel(with_grad, time_limit=3)
+    plan = step.plan(*ex.args, constraints=mp.Constraints(pp=2, num_microbatches=2, tp=2,
+                                                          schedule="1f1b"),
+                     compare_baselines=False)
+    out = step._jitted(ex.args, plan)(*ex.args)
+    assert out[3].shape == (4,) + ref[3].shape[1:]
+    assert max(_rel(a, b) for a, b in zip(out, ref)) < 1e-5
