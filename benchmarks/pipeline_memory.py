@@ -2,7 +2,8 @@
 
 For pipelined plans of the example models on 8 CPU-emulated devices (unrolled and scanned
 GPTs, the lax.scan transformer; GPipe, 1F1B and interleaved 1F1B; with and without tensor
-and data parallelism and recomputation), this runs one step under the plan and compares the
+and data parallelism and recomputation; sequence 32, and 128 where attention scores
+dominate), this runs one step under the plan and compares the
 planner's predicted peak bytes per device of each stage (`plan.cost.memory`) with what the
 executor measured: at every program it runs, the arrays the step holds on each device
 (state, in-flight microbatches' values, accumulated gradients) plus XLA's temporaries of
@@ -10,7 +11,7 @@ that program (`memory_analysis`), the most at any time (`step.memory_peaks`).
 
 Target (pred/meas): within 25 %, as for the unpipelined plans in fidelity.py.
 
-    /work/venv/bin/python benchmarks/pipeline_memory.py            # all rows (~4 min)
+    /work/venv/bin/python benchmarks/pipeline_memory.py            # all rows (~5 min)
     /work/venv/bin/python benchmarks/pipeline_memory.py --show benchmarks/results/pipeline_memory.json
 
 Writes benchmarks/results/pipeline_memory.json (override with --out).
@@ -26,15 +27,18 @@ from _common import request_cpu_devices, run_rows, selection, table  # noqa: E40
 
 NUM_DEVICES = 8
 TARGET = 0.25  # allowed |pred/meas - 1|
-CASES = {  # name -> (example, pp, schedule, tp, remat); 4 blocks, 4 microbatches
-    "gpt-pp2-1f1b-tp2": ("gpt", 2, "1f1b", 2, "none"),
-    "gpt-pp4-gpipe-tp1": ("gpt", 4, "gpipe", 1, "none"),
-    "gpt-pp2-interleaved-tp2": ("gpt", 2, "interleaved", 2, "none"),
-    "gpt-pp2-1f1b-tp4-remat": ("gpt", 2, "1f1b", 4, "full"),
-    "gpt_scan-pp2-1f1b-tp2": ("gpt_scan", 2, "1f1b", 2, "none"),
-    "gpt_scan-pp4-1f1b-tp1": ("gpt_scan", 4, "1f1b", 1, "none"),
-    "transformer_scan-pp2-gpipe-tp2-remat": ("transformer_scan", 2, "gpipe", 2, "full"),
-    "transformer_scan-pp2-interleaved-tp2": ("transformer_scan", 2, "interleaved", 2, "none"),
+CASES = {  # name -> (example, pp, schedule, tp, remat, sequence, microbatches); 4 blocks
+    "gpt-pp2-1f1b-tp2": ("gpt", 2, "1f1b", 2, "none", 32, 4),
+    "gpt-pp4-gpipe-tp1": ("gpt", 4, "gpipe", 1, "none", 32, 4),
+    "gpt-pp2-interleaved-tp2": ("gpt", 2, "interleaved", 2, "none", 32, 4),
+    "gpt-pp2-1f1b-tp4-remat": ("gpt", 2, "1f1b", 4, "full", 32, 4),
+    "gpt-seq128-pp2-1f1b-tp1": ("gpt", 2, "1f1b", 1, "none", 128, 2),  # attention-heavy
+    "gpt_scan-pp2-1f1b-tp2": ("gpt_scan", 2, "1f1b", 2, "none", 32, 4),
+    "gpt_scan-pp4-1f1b-tp1": ("gpt_scan", 4, "1f1b", 1, "none", 32, 4),
+    "gpt_scan-seq128-pp2-gpipe-tp2": ("gpt_scan", 2, "gpipe", 2, "none", 128, 4),
+    "transformer_scan-pp2-gpipe-tp2-remat": ("transformer_scan", 2, "gpipe", 2, "full", 32, 4),
+    "transformer_scan-pp2-interleaved-tp2": ("transformer_scan", 2, "interleaved", 2, "none",
+                                             32, 4),
 }
 
 
@@ -42,11 +46,11 @@ def run(name: str, time_limit: float) -> dict:
     import meshplan as mp
     from meshplan.examples import make
 
-    model, pp, schedule, tp, remat = CASES[name]
+    model, pp, schedule, tp, remat, seq, m = CASES[name]
     t0 = time.perf_counter()
-    ex = make(model, layers=4)
+    ex = make(model, layers=4, seq=seq)
     step = mp.auto_parallel(ex.train_step, time_limit=time_limit)
-    c = mp.Constraints(pp=pp, num_microbatches=4, schedule=schedule, tp=tp, remat=remat,
+    c = mp.Constraints(pp=pp, num_microbatches=m, schedule=schedule, tp=tp, remat=remat,
                        virtual_stages=2 if schedule == "interleaved" else None)
     plan = step.plan(*ex.args, constraints=c, compare_baselines=False)
     runner = step._jitted(ex.args, plan)

@@ -33,6 +33,12 @@ ELEMENTWISE = frozenset(
     "reduce_precision imag real conj shift_left shift_right_logical shift_right_arithmetic "
     "population_count sharding_constraint optimization_barrier".split())
 
+# Ops cheap enough to run again where a result is needed rather than keep it: elementwise
+# ops, broadcasts and reshapes (no reductions, no matmuls). The pipelined executor's
+# backward programs rebuild such residuals, and the per-layer memory model counts them so.
+REBUILDABLE = ELEMENTWISE | {"broadcast_in_dim", "iota", "reshape", "squeeze", "expand_dims",
+                             "alias"}
+
 _REDUCTIONS = {"reduce_sum": "sum", "reduce_max": "max", "reduce_min": "min",
                "reduce_prod": "prod", "reduce_and": "and", "reduce_or": "or",
                "argmax": None, "argmin": None}

@@ -11,7 +11,9 @@ step that way, with no change to the step:
    (data and tensor parallelism inside the stage come from those layouts).
    With recomputation (`remat="full"`, or `"layers"` for some layers) a stage's backward
    program runs the forward ops of its recomputed layers again, so only their inputs are
-   kept between a microbatch's passes.
+   kept between a microbatch's passes. Without it, a backward program still rebuilds the
+   residuals that cheap ops make from values it keeps anyway (a softmax's exponentials
+   and quotient from its scores), as XLA's fusion does inside one program.
 3. The programs run in the order of the plan's schedule (`schedule_table`: GPipe, 1F1B or
    interleaved 1F1B): a forward program of stage k for microbatch i after stage k-1's,
    a backward after stage k+1's. Values crossing stages are sent to the receiving
@@ -36,6 +38,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from meshplan.ir._dims import REBUILDABLE
 from meshplan.runtime._apply import Interpreter, read_value
 from meshplan.runtime._pipeline import _BACKWARD, _FORWARD, schedule_table
 
@@ -141,6 +144,44 @@ class PipelinedStep:
                 where[node.id] = (kind, k)
         return where
 
+    def _cheap_residuals(self, fwd: _Program, bwd: _Program) -> set[int]:
+        """Ids of forward nodes the backward program `bwd` runs again instead of keeping
+        their results per microbatch: elementwise ops and broadcasts whose operands it
+        keeps anyway (or rebuilds the same way, or are constants, state, or small values of
+        the forward pass). XLA's fusion does the same inside one program (a softmax's exp and
+        quotient are rebuilt from the scores, a mask broadcast from its iota), and the
+        memory model, calibrated on XLA's whole-step program, expects it; separate
+        programs would otherwise hand over every residual JAX's autodiff names."""
+        g = self.graph
+        made = {v: n for n in fwd.nodes for v in n.outputs}
+        own = {v for n in bwd.nodes for v in n.outputs}
+        kept = {v for n in bwd.nodes for v in n.inputs if v in made and v not in own}
+        state = set(g.inputs) - self.data_values
+        memo: dict[int, bool] = {}
+
+        def rebuilt(v: int, size: int) -> bool:
+            """Whether v can be rebuilt from kept values, constants, state and values at
+            most 1/8 the size of the residual being rebuilt."""
+            if v not in memo:
+                n = made.get(v)
+                memo[v] = n is not None and n.primitive in REBUILDABLE and \
+                    len(n.outputs) == 1 and all(
+                        g.values[u].is_const or u in state or u in kept or
+                        (u in made and g.values[u].nbytes * 8 <= size) or rebuilt(u, size)
+                        for u in n.inputs)
+            return memo[v]
+
+        redo = {made[v].id for v in kept if rebuilt(v, g.values[v].nbytes)}
+        # Rebuilding needs the node's whole chain of rebuilt operands.
+        need, stack = set(), [made[v] for v in kept if made[v].id in redo]
+        while stack:
+            n = stack.pop()
+            if n.id in need:
+                continue
+            need.add(n.id)
+            stack += [made[u] for u in n.inputs if u in made and memo.get(u)]
+        return need
+
     def _step_programs(self, nodes, where) -> list[_Program]:
         """The update's nodes as few programs as dependencies allow: one per stage and
         level, a level further each time a value crosses stages (Adam's step count is
@@ -197,6 +238,15 @@ class PipelinedStep:
                     redo = [n for n in fwd.nodes if again is None or
                             labels.get(n.id, ("forward", 0))[1] in again]
                     pr.nodes = redo + pr.nodes
+        for pr in order:
+            fwd = merged.get(("forward", pr.stage))
+            if pr.kind == "backward" and fwd is not None:
+                # Forward nodes run again (recomputed layers, rebuilt residuals) go first,
+                # in the forward program's order.
+                again = self._cheap_residuals(fwd, pr) | {n.id for n in pr.nodes}
+                ids = {n.id for n in fwd.nodes}
+                pr.nodes = [n for n in fwd.nodes if n.id in again] + \
+                    [n for n in pr.nodes if n.id not in ids]
         order += self._step_programs([n for pr in progs if pr.kind == "step" for n in pr.nodes],
                                      where)
         self.programs = order

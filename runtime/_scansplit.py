@@ -10,8 +10,8 @@ scans cut at the stage boundaries:
   runs the last stage's blocks first);
 * a stacked input of the scan (block weights, the forward pass's saved residuals) is read
   as its slice [a_k, b_k); the step's own stacked weights are sliced where they are
-  placed, so a stage holds its own blocks' weights only; a residual stacked by stage k's forward scan and read by its
-  backward scan is handed over as that piece, never as a whole;
+  placed, so a stage holds its own blocks' weights only; a residual stacked by stage k's
+  forward scan and read by its backward scan is handed over as that piece, never whole;
 * a stacked output read whole elsewhere (by an update op that is not elementwise, or
   returned from a pass per microbatch) is concatenated from its pieces where it is read.
 

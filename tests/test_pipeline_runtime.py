@@ -207,7 +207,8 @@ def test_a_scanned_step_may_return_a_stacked_gradient_itself():
     def with_grad(params, opt_state, batch):
         loss, grads = jax.value_and_grad(transformer._loss)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, grads["layers"]["mlp"]["w1"]
+        w1 = grads["layers"]["mlp"]["w1"]  # [layers, hidden, 4 hidden]
+        return optax.apply_updates(params, updates), opt_state, loss, w1
 
     ref = jax.jit(with_grad)(*ex.args)
     step = mp.auto_parallel(with_grad, time_limit=3)
