@@ -345,7 +345,7 @@ def _rebuilt(view, layers: Layers, saved: set[int], where) -> set[int]:
     """Saved values the backward pass rebuilds instead of keeping (the pipelined
     executor's rule, `PipelinedStep._cheap_residuals`): results of cheap ops (elementwise,
     broadcasts) of an unrolled layer whose operands are saved anyway, constants, state,
-    values at most 1/8 the size, or rebuilt the same way. A scan's residuals are its
+    at most 1/8 the size of the result they feed, or rebuilt the same way. A scan's residuals are its
     stacked outputs and stay."""
     made = {}
     for op in view.ops:
@@ -357,17 +357,18 @@ def _rebuilt(view, layers: Layers, saved: set[int], where) -> set[int]:
     values = view.values
     memo: dict[int, bool] = {}
 
-    def ok(v: int, size: int) -> bool:
+    def ok(v: int) -> bool:
         if v not in memo:
             op = made.get(v)
+            size = values[v].nbytes
             memo[v] = False  # a cycle through carries is never rebuilt
             memo[v] = op is not None and op.prim in REBUILDABLE and len(op.outputs) == 1 \
                 and all(values[u].is_const or u in state or u in saved or
-                        (u in made and values[u].nbytes * 8 <= size) or ok(u, size)
+                        (u in made and values[u].nbytes * 8 <= size) or ok(u)
                         for u in op.inputs)
         return memo[v]
 
-    return {v for v in saved if ok(v, values[v].nbytes)}
+    return {v for v in saved if ok(v)}
 
 
 def _spread_max(layers: Layers, layer: int, amount: float, out: np.ndarray) -> None:
@@ -396,6 +397,7 @@ class PipelineChoice:
     stage_memory: tuple[float, ...]  # per device of each of the p stages
     stage_time: tuple[float, ...]  # per stage, seconds per microbatch (forward + backward)
     recompute: tuple[bool, ...] = ()  # remat="layers": per layer, whether it is recomputed
+    act_scale: float = 1.0  # the activation calibration of the costs it was chosen on
 
     @property
     def peak_memory(self) -> float:

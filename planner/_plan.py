@@ -99,6 +99,9 @@ class PipelineSettings:
     remat: str = "none"
     zero: int = 0
     recompute: tuple[int, ...] = ()  # remat="layers": the layers recomputed
+    # The factor the per-layer activation bytes were calibrated by when planning (see
+    # planner._pipe.LayerCosts.calibrated), so that `estimate` re-costs alike.
+    act_scale: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

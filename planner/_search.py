@@ -472,6 +472,7 @@ def _stage_pipeline(view, live, cluster: Cluster, c: Constraints, opts: SearchOp
     if not tried:
         return own, None
     _, seq, choice = min(tried, key=lambda t: t[0])
+    choice = dataclasses.replace(choice, act_scale=costs.act_scale)
     return own, dataclasses.replace(
         solved, cost=_pipeline_cost(costs, choice), pipeline=choice,
         stage_order=tuple(d for i in seq for d in _stage_ids(cand.mesh.device_ids, chunks[i])))
@@ -671,7 +672,8 @@ def _to_plan(graph, cluster, best: Solved, view, out_values, in_treedef, out_tre
         stages = tuple(Stage(layers, tuple(order[(k % p) * chunk:(k % p + 1) * chunk]),
                              best.candidate.mesh.shape) for k, layers in enumerate(pc.stages))
         settings = PipelineSettings(pc.microbatches, pc.schedule, pc.virtual_stages, pc.remat,
-                                    pc.zero, tuple(i for i, r in enumerate(pc.recompute) if r))
+                                    pc.zero, tuple(i for i, r in enumerate(pc.recompute) if r),
+                                    pc.act_scale)
     solver = (("status", r.status), ("gap", r.gap), ("ilp_seconds", r.wall_time),
               ("plan_seconds", time_spent), ("classes", len(problem.classes)),
               ("groups", len(problem.groups)))
@@ -756,8 +758,9 @@ def _estimate_pipelined(view, live, plan: Plan, cluster: Cluster, options: Searc
             choice = _plan_choice(problem, plan)
             costs = layer_costs(problem, choice, assign(problem, choice), layers, live,
                                 dp_axes, in_place)
-            exact, _ = evaluate(problem, choice, live, aliased)
-            by_kind[kind] = costs.calibrated(exact.peak_memory)
+            # The activation calibration of planning, not a new one: planning calibrates
+            # once per tensor-parallel degree, on one stage mesh and generation.
+            by_kind[kind] = dataclasses.replace(costs, act_scale=ps.act_scale)
         per_stage.append(by_kind[kind])
     n = layers.num_layers
     setting = Setting(p, ps.microbatches, ps.schedule, ps.virtual_stages, ps.remat, ps.zero,

@@ -159,19 +159,19 @@ class PipelinedStep:
         state = set(g.inputs) - self.data_values
         memo: dict[int, bool] = {}
 
-        def rebuilt(v: int, size: int) -> bool:
-            """Whether v can be rebuilt from kept values, constants, state and values at
-            most 1/8 the size of the residual being rebuilt."""
+        def rebuilt(v: int) -> bool:
+            """Whether v can be rebuilt from kept values, constants, state, values at most
+            1/8 its size, and values rebuilt the same way."""
             if v not in memo:
                 n = made.get(v)
                 memo[v] = n is not None and n.primitive in REBUILDABLE and \
                     len(n.outputs) == 1 and all(
                         g.values[u].is_const or u in state or u in kept or
-                        (u in made and g.values[u].nbytes * 8 <= size) or rebuilt(u, size)
-                        for u in n.inputs)
+                        (u in made and g.values[u].nbytes * 8 <= g.values[v].nbytes) or
+                        rebuilt(u) for u in n.inputs)
             return memo[v]
 
-        redo = {made[v].id for v in kept if rebuilt(v, g.values[v].nbytes)}
+        redo = {made[v].id for v in kept if rebuilt(v)}
         # Rebuilding needs the node's whole chain of rebuilt operands.
         need, stack = set(), [made[v] for v in kept if made[v].id in redo]
         while stack:
