@@ -35,9 +35,41 @@ ELEMENTWISE = frozenset(
 
 # Ops cheap enough to run again where a result is needed rather than keep it: elementwise
 # ops, broadcasts and reshapes (no reductions, no matmuls). The pipelined executor's
-# backward programs rebuild such residuals, and the per-layer memory model counts them so.
+# backward programs rebuild such residuals, and the per-layer memory model counts them so
+# (both by `rebuildable`).
 REBUILDABLE = ELEMENTWISE | {"broadcast_in_dim", "iota", "reshape", "squeeze", "expand_dims",
                              "alias"}
+
+
+
+def rebuildable(wanted, made: dict, free, values: dict) -> dict[int, bool]:
+    """Which values a later pass can compute again instead of keeping: those of `wanted`,
+    and the operands they are rebuilt from.
+
+    A value is rebuilt when its producer is a REBUILDABLE op with one result, and each
+    operand is at hand (`free(u)`: kept anyway, a constant, state), at most 1/8 the size of
+    the result (kept in its place), or rebuilt the same way. `made`: value -> (primitive,
+    operands, number of results) of the op that computes it; `values`: value -> Value.
+    Returns value -> whether it is rebuilt, for every value looked at.
+    """
+    memo: dict[int, bool] = {}
+
+    def ok(v: int) -> bool:
+        if v not in memo:
+            memo[v] = False  # a cycle (a loop carry) is never rebuilt
+            op = made.get(v)
+            if op is not None:
+                prim, operands, results = op
+                size = values[v].nbytes
+                memo[v] = prim in REBUILDABLE and results == 1 and all(
+                    free(u) or (u in made and values[u].nbytes * 8 <= size) or ok(u)
+                    for u in operands)
+        return memo[v]
+
+    for v in wanted:
+        ok(v)
+    return memo
+
 
 _REDUCTIONS = {"reduce_sum": "sum", "reduce_max": "max", "reduce_min": "min",
                "reduce_prod": "prod", "reduce_and": "and", "reduce_or": "or",

@@ -243,19 +243,21 @@ class AutoParallel:
         layouts = dict(zip(tm.graph.inputs, plan.in_layouts))
         out_treedef = tm.out_treedef
 
-        def step(*dyn):
+        def split(dyn) -> tuple[dict, dict]:
+            """The step's arguments as (state, batch): graph input -> array."""
             leaves = jax.tree_util.tree_leaves(dyn)
             state = {v: x for v, x in zip(graph.inputs, leaves) if v not in micro_data}
             batch = {v: x for v, x in zip(graph.inputs, leaves) if v in micro_data}
-            return jax.tree_util.tree_unflatten(out_treedef, runner(state, batch, layouts))
+            return state, batch
+
+        def step(*dyn):
+            return jax.tree_util.tree_unflatten(out_treedef, runner(*split(dyn), layouts))
+
         def memory_peaks(*dyn) -> dict[int, int]:
             """Runs one step; device id -> the most bytes it held at once (arrays the step
             holds plus XLA's temporaries of the program running)."""
-            leaves = jax.tree_util.tree_leaves(dyn)
-            state = {v: x for v, x in zip(graph.inputs, leaves) if v not in micro_data}
-            batch = {v: x for v, x in zip(graph.inputs, leaves) if v in micro_data}
             peaks: dict[int, int] = {}
-            runner(state, batch, layouts, profile=peaks)
+            runner(*split(dyn), layouts, profile=peaks)
             return peaks
 
         step.runner = runner  # the programs, for inspection

@@ -35,7 +35,7 @@ import math
 import numpy as np
 
 from meshplan.costmodel import in_flight, pipeline_time
-from meshplan.ir._dims import REBUILDABLE
+from meshplan.ir._dims import rebuildable
 from meshplan.planner._layers import SPREAD, Layers
 from meshplan.planner._layout import reshard, shards
 from meshplan.planner._ops import batch_dims, batch_free
@@ -334,41 +334,28 @@ def _activation_index(view, layers: Layers, live) -> _ActivationIndex:
                 saved.append((v, layer, op.mult if layer == SPREAD else 1))
             lo = layers.num_blocks if layer == SPREAD else layer
             forward.append((v, layer, lo, last_reader.get(v, -1)))
-    rebuilt = _rebuilt(view, layers, {v for v, _, _ in saved}, where)
+    rebuilt = _rebuilt(view, {v for v, _, _ in saved}, where)
     saved = [s for s in saved if s[0] not in rebuilt]
     out = _ActivationIndex(made_by, saved, forward, carries)
     view.memo[key] = out
     return out
 
 
-def _rebuilt(view, layers: Layers, saved: set[int], where) -> set[int]:
-    """Saved values the backward pass rebuilds instead of keeping (the pipelined
-    executor's rule, `PipelinedStep._cheap_residuals`): results of cheap ops (elementwise,
-    broadcasts) of an unrolled layer whose operands are saved anyway, constants, state,
-    at most 1/8 the size of the result they feed, or rebuilt the same way. A scan's residuals are its
-    stacked outputs and stay."""
+def _rebuilt(view, saved: set[int], where) -> set[int]:
+    """Saved values the backward pass rebuilds instead of keeping, by the pipelined
+    executor's rule (`ir._dims.rebuildable`), from the ops of unrolled layers: a scan's
+    residuals are its stacked outputs and stay."""
     made = {}
     for op in view.ops:
         phase, layer = where(op.id)
         if phase == "forward" and op.kind != "input" and layer != SPREAD:
-            made.update((v, op) for v in op.outputs)
+            made.update((v, (op.prim, op.inputs, len(op.outputs))) for v in op.outputs)
     state = {op.outputs[0] for op in view.ops
              if op.kind == "input" and op.role in ("param", "opt_state")}
     values = view.values
-    memo: dict[int, bool] = {}
-
-    def ok(v: int) -> bool:
-        if v not in memo:
-            op = made.get(v)
-            size = values[v].nbytes
-            memo[v] = False  # a cycle through carries is never rebuilt
-            memo[v] = op is not None and op.prim in REBUILDABLE and len(op.outputs) == 1 \
-                and all(values[u].is_const or u in state or u in saved or
-                        (u in made and values[u].nbytes * 8 <= size) or ok(u)
-                        for u in op.inputs)
-        return memo[v]
-
-    return {v for v in saved if ok(v)}
+    free = lambda u: values[u].is_const or u in state or u in saved
+    memo = rebuildable(saved, made, free, values)
+    return {v for v in saved if memo[v]}
 
 
 def _spread_max(layers: Layers, layer: int, amount: float, out: np.ndarray) -> None:

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from meshplan.ir._dims import REBUILDABLE
+from meshplan.ir._dims import rebuildable
 from meshplan.runtime._apply import Interpreter, read_value
 from meshplan.runtime._pipeline import _BACKWARD, _FORWARD, schedule_table
 
@@ -157,23 +157,11 @@ class PipelinedStep:
         own = {v for n in bwd.nodes for v in n.outputs}
         kept = {v for n in bwd.nodes for v in n.inputs if v in made and v not in own}
         state = set(g.inputs) - self.data_values
-        memo: dict[int, bool] = {}
-
-        def rebuilt(v: int) -> bool:
-            """Whether v can be rebuilt from kept values, constants, state, values at most
-            1/8 its size, and values rebuilt the same way."""
-            if v not in memo:
-                n = made.get(v)
-                memo[v] = n is not None and n.primitive in REBUILDABLE and \
-                    len(n.outputs) == 1 and all(
-                        g.values[u].is_const or u in state or u in kept or
-                        (u in made and g.values[u].nbytes * 8 <= g.values[v].nbytes) or
-                        rebuilt(u) for u in n.inputs)
-            return memo[v]
-
-        redo = {made[v].id for v in kept if rebuilt(v)}
+        free = lambda u: g.values[u].is_const or u in state or u in kept
+        memo = rebuildable(kept, {v: (n.primitive, n.inputs, len(n.outputs))
+                                  for v, n in made.items()}, free, g.values)
         # Rebuilding needs the node's whole chain of rebuilt operands.
-        need, stack = set(), [made[v] for v in kept if made[v].id in redo]
+        need, stack = set(), [made[v] for v in kept if memo[v]]
         while stack:
             n = stack.pop()
             if n.id in need:
