@@ -56,22 +56,12 @@ def assign(problem: Problem, choice) -> Assignment:
     """Spread each class's strategy to all its groups' values and ops."""
     value_layout: dict[int, Layout] = {}
     op_layouts = {}
-    strategies = problem.strategies
-    for g, member_ids in zip(problem.groups, _member_ids(problem)):
-        strat = strategies[g.cls][choice[g.cls]]
-        value_layout.update(zip(g.produced, strat.produced))
-        op_layouts.update(zip(member_ids, strat.ops))
+    for c, (values, op_ids) in enumerate(problem.grouping.class_members):
+        strat = problem.strategies[c][choice[c]]
+        n = len(problem.classes[c])  # every group of the class repeats the same layouts
+        value_layout.update(zip(values, strat.produced * n))
+        op_layouts.update(zip(op_ids, strat.ops * n))
     return Assignment(value_layout, op_layouts)
-
-
-def _member_ids(problem: Problem) -> list[tuple[int, ...]]:
-    """Per group, its ops' ids (memoised on the view: every candidate mesh shares them)."""
-    key = ("member ids", id(problem.groups))
-    memo = problem.view.memo
-    if key not in memo:
-        memo[key] = (problem.groups, [tuple(op.id for op in g.members)
-                                      for g in problem.groups])
-    return memo[key][1]
 
 
 def collectives(problem: Problem, choice, a: Assignment) -> list[tuple[Comm, float, str]]:

@@ -620,30 +620,28 @@ def _collective_buffers(view, live, layout_of, mesh_shape, op_layouts, reduce_sc
     # Lists: numpy element access from this per-op loop is several times slower.
     op_first, op_last, op_loop = (live.op_first.tolist(), live.op_last.tolist(),
                                   live.op_loop.tolist())
-    for k, op in enumerate(view.ops):
-        s0 = op_first[k]
-        if s0 < 0 or op.kind != "op":
-            continue
+    for k, op, reduces, operands in _scheduled_ops(view, live):
         lays = op_layouts.get(op.id)
         if lays is None:
             continue
         ins, outs = lays
-        s1 = op_last[k]
-        if op.dims is not None:
+        s0, s1 = op_first[k], op_last[k]
+        if reduces:
             partial = _partial_axes(op, ins)
             if partial:
                 for v, lay in zip(op.outputs, outs):
                     scattered = [mesh_shape[a] for d in lay for a in d if a in partial]
-                    pre = _bytes(view, v, lay, mesh_shape) * float(np.prod(scattered))
+                    pre = _bytes(view, v, lay, mesh_shape) * math.prod(scattered)
                     ex_size.append(pre)
                     ex_start.append(2 * s0)
                     ex_end.append(2 * s0 + 1)
                     i = index.get(v)
                     if not reduce_scatter and i is not None and not live.is_out[i]:
                         sizes[i] = max(sizes[i], pre)
-        for u, want in zip(op.inputs, ins):
+        for i, u in operands:
+            want = ins[i]
             have = layout_of.get(u)
-            if have is None or have == want or view.values[u].is_const:
+            if have is None or have == want:
                 continue
             comms = reshard(view.values[u].nbytes, have, want, mesh_shape)
             if not comms:
@@ -687,6 +685,20 @@ def _collective_buffers(view, live, layout_of, mesh_shape, op_layouts, reduce_sc
         ex_size.append(nbytes)
         ex_start.append(2 * s0)
         ex_end.append(2 * s1 + (0 if shares else 1))
+
+
+def _scheduled_ops(view, live: Liveness) -> list[tuple[int, object, bool, tuple]]:
+    """(index, op, whether it reduces a loop, its non-constant operands as (position,
+    value)) of every scheduled op, the ones whose layouts can add buffers; memoised."""
+    key = ("scheduled ops", id(live))
+    if key not in view.memo:
+        first = live.op_first.tolist()
+        values = view.values
+        view.memo[key] = (live, [
+            (k, op, bool(op.dims is not None and op.dims.reduced_loops),
+             tuple((i, u) for i, u in enumerate(op.inputs) if not values[u].is_const))
+            for k, op in enumerate(view.ops) if first[k] >= 0 and op.kind == "op"])
+    return view.memo[key][1]
 
 
 def _major_gather(shape, have, want, mesh_shape) -> bool:

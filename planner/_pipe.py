@@ -140,21 +140,26 @@ class _GroupIndex:
     stage mesh cuts its plan into layers with it).
 
     classes: (class, pass, once per step) -> per layer, how many of its groups run there.
-    slots: per group with slots: (class, pass, layer, [(slot index, value, dedup mult,
-      mult, batch-free)]).
+    reads: (producer class, produced index, reader class, slot index) -> the groups'
+      reads of such a value: [(order, pass, layer, value, dedup mult, mult, batch-free)].
+      Every group of a class takes the class's strategy, so a read needs a reshard
+      exactly when its bucket's producer layout differs from the wanted one.
     """
 
     classes: dict[tuple[int, str, bool], np.ndarray]
-    slots: list[tuple[int, str, int, list[tuple[int, int, int, int, bool]]]]
+    reads: dict[tuple[int, int, int, int], list[tuple[int, str, int, int, int, int, bool]]]
 
 
-def _group_index(view, layers: Layers, groups) -> _GroupIndex:
-    key = ("groups", id(layers), id(groups))
-    if key in view.memo:
-        return view.memo[key][1]
+def _group_index(view, layers: Layers, grouping) -> _GroupIndex:
+    key = ("group index", id(layers))
+    if key in grouping.memo:
+        return grouping.memo[key][1]
+    groups, group_of_value = grouping.groups, grouping.group_of_value
+    position = {v: i for g in groups for i, v in enumerate(g.produced)}
     vdims, _ = batch_dims(view)
     by_class: dict[tuple[int, str, bool], list[int]] = {}
-    slots = []
+    reads: dict[tuple[int, int, int, int], list] = {}
+    n_reads = 0
     for g in groups:
         if g.leader.kind == "input" and g.leader.prim == "input":
             continue
@@ -162,12 +167,14 @@ def _group_index(view, layers: Layers, groups) -> _GroupIndex:
         phase, layer = layers.op_pass.get(op_id, "step"), layers.op_layer.get(op_id, 0)
         batchless = not any(vdims.get(v) for v in g.produced)
         by_class.setdefault((g.cls, phase, phase != "step" and batchless), []).append(layer)
-        if g.slots:
-            slots.append((g.cls, phase, layer, [
-                (si, v, g.members[mi].mult if k >= 0 else mult, mult, batch_free(view, v))
-                for si, (mi, k, v, mult) in enumerate(g.slots)]))
-    out = _GroupIndex({k: _weights(layers, ls) for k, ls in by_class.items()}, slots)
-    view.memo[key] = (groups, out)  # the grouping is kept alive with its id
+        for si, (mi, k, v, mult) in enumerate(g.slots):
+            bucket = (groups[group_of_value[v]].cls, position[v], g.cls, si)
+            reads.setdefault(bucket, []).append(
+                (n_reads, phase, layer, v, g.members[mi].mult if k >= 0 else mult, mult,
+                 batch_free(view, v)))
+            n_reads += 1
+    out = _GroupIndex({k: _weights(layers, ls) for k, ls in by_class.items()}, reads)
+    grouping.memo[key] = (layers, out)  # the layers are kept alive with their id
     return out
 
 
@@ -184,7 +191,7 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
     fwd_fixed, bwd_fixed = z(), z()
     weights, opt, saved, inputs, working = z(), z(), z(), z(), z()
     index = _activation_index(view, layers, live)
-    groups = _group_index(view, layers, problem.groups)
+    groups = _group_index(view, layers, problem.grouping)
     value_layout, op_layouts = assignment.value_layout, assignment.op_layouts
     by_pass = {"forward": fwd, "backward": bwd, "step": step}
 
@@ -196,10 +203,21 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
             return op_layouts[made[0]][1][made[1]]
         return None
 
+    pieces: dict[int, int] = {}  # id(layout) -> shards: layouts are shared tuples
+
+    def cut_into(lay) -> int:
+        if lay is None:
+            return 1
+        k = pieces.get(id(lay))
+        if k is None:
+            k = pieces[id(lay)] = shards(lay, mesh_shape)
+        return k
+
     def per_device(v) -> float:
-        lay_v = layout(v)
-        return view.values[v].nbytes / shards(lay_v, mesh_shape) if lay_v is not None else \
-            float(view.values[v].nbytes)
+        return view.values[v].nbytes / cut_into(layout(v))
+
+    def per_device_all(vs: list[int], nbytes: np.ndarray) -> np.ndarray:
+        return nbytes / np.array([cut_into(layout(v)) for v in vs], dtype=float)
 
     # Groups of one class run one strategy: its costs are worked out once per class and
     # pass, and spread over the layers its groups run in (a 96-layer model has ~100
@@ -217,57 +235,75 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
         if phase == "forward":
             fflops += where * strat.flops
     # Reshards, each once per (value, wanted layout), and each distinct one costed once.
+    # Only the reads whose producer class lays the value out otherwise than the reader's
+    # class wants it are visited, in group order (which read of a value is charged).
+    strategy = [problem.strategies[c][choice[c]] for c in range(len(choice))]
+    moving = sorted(r for (pc, pi, gc, si), rs in groups.reads.items()
+                    if strategy[pc].produced[pi] != strategy[gc].slots[si]
+                    for r in ((x, strategy[gc].slots[si]) for x in rs))
     seen_reshard: set = set()
     moved: dict[tuple, tuple[float, float]] = {}
-    for cls, phase, layer, slot_list in groups.slots:
-        strat_slots = problem.strategies[cls][choice[cls]].slots
-        for si, v, dedup, mult, weight in slot_list:
-            want = strat_slots[si]
-            have = value_layout.get(v)
-            if have is None or have == want or (v, want, dedup) in seen_reshard:
-                continue
-            seen_reshard.add((v, want, dedup))
-            nbytes = view.values[v].nbytes
-            if (nbytes, have, want) not in moved:
-                moves = reshard(nbytes, have, want, mesh_shape)
-                moved[nbytes, have, want] = (
-                    sum(comm.time(c.kind, c.nbytes, c.axes) for c in moves),
-                    sum(c.bytes_sent(mesh_shape) for c in moves))
-            t, b = moved[nbytes, have, want]
-            t *= mult
-            _spread(layers, layer, mult * b, sent)
-            if phase != "step" and weight:
-                # A weight moved for this pass: every microbatch moves it again.
-                _spread(layers, layer, t, fwd_fixed if phase == "forward" else bwd_fixed)
-            else:
-                _spread(layers, layer, t, by_pass[phase])
+    for (_, phase, layer, v, dedup, mult, weight), want in moving:
+        have = value_layout.get(v)
+        if have is None or have == want or (v, want, dedup) in seen_reshard:
+            continue
+        seen_reshard.add((v, want, dedup))
+        nbytes = view.values[v].nbytes
+        if (nbytes, have, want) not in moved:
+            moves = reshard(nbytes, have, want, mesh_shape)
+            moved[nbytes, have, want] = (
+                sum(comm.time(c.kind, c.nbytes, c.axes) for c in moves),
+                sum(c.bytes_sent(mesh_shape) for c in moves))
+        t, b = moved[nbytes, have, want]
+        t *= mult
+        _spread(layers, layer, mult * b, sent)
+        if phase != "step" and weight:
+            # A weight moved for this pass: every microbatch moves it again.
+            _spread(layers, layer, t, fwd_fixed if phase == "forward" else bwd_fixed)
+        else:
+            _spread(layers, layer, t, by_pass[phase])
 
     weights_dp, opt_dp, gather, outputs = z(), z(), z(), z()
-    role_of = _input_roles(view)
+    # State inputs, one row per (value, layer holding it).
+    held = _held_state(view, layers)
     dp_set = set(dp_axes)
-    for v, held in layers.input_layers.items():
-        param = role_of.get(v) == "param"
-        b = per_device(v)
-        free = not (dp_set & {a for d in (layout(v) or ()) for a in d})
-        for l in held:
-            _spread(layers, l, b, weights if param else opt)
-            if v not in in_place:
-                _spread(layers, l, b, outputs)
-            if free:
-                _spread(layers, l, b, weights_dp if param else opt_dp)
-                if param and dp_axes:
-                    _spread(layers, l, comm.time("all-gather", b, tuple(dp_axes)), gather)
+    whole_over_dp = {}  # id(layout) -> not split over a data-parallel axis
+
+    def dp_free(lay) -> bool:
+        k = id(lay)
+        if k not in whole_over_dp:
+            whole_over_dp[k] = not (dp_set & {a for d in (lay or ()) for a in d})
+        return whole_over_dp[k]
+
+    lays = [layout(v) for v in held.values]
+    b = (held.nbytes / np.array([cut_into(lay) for lay in lays], dtype=float))[held.row]
+    free = np.array([dp_free(lay) for lay in lays], dtype=bool)[held.row]
+    param = held.param[held.row]
+    kept = ~np.array([v in in_place for v in held.values], dtype=bool)[held.row]
+    layer = held.layer
+    _spread_all(layers, layer[param], b[param], weights)
+    _spread_all(layers, layer[~param], b[~param], opt)
+    _spread_all(layers, layer[kept], b[kept], outputs)
+    _spread_all(layers, layer[free & param], b[free & param], weights_dp)
+    _spread_all(layers, layer[free & ~param], b[free & ~param], opt_dp)
+    if dp_axes:
+        gathered = free & param
+        times = {x: comm.time("all-gather", x, tuple(dp_axes)) for x in set(b[gathered].tolist())}
+        _spread_all(layers, layer[gathered],
+                    np.array([times[x] for x in b[gathered].tolist()], dtype=float), gather)
 
     # Activations: stored forward values read by the backward pass, by producing layer;
     # cut sizes from forward values read by later layers.
-    for v, layer, mult in index.saved:
-        _spread(layers, layer, per_device(v) * mult, saved)
-    cut = np.zeros(n)
-    for v, layer, lo, hi in index.forward:
-        b = per_device(v)
-        _spread_max(layers, layer, b, working)
-        if hi > lo:
-            cut[lo:hi] += b  # crosses every cut between them
+    sv = index.saved
+    _spread_all(layers, sv.layer, per_device_all(sv.values, sv.nbytes) * sv.copies, saved)
+    fv = index.forward
+    b = per_device_all(fv.values, fv.nbytes)
+    _spread_max_all(layers, fv.layer, b, working)
+    crosses = fv.last > fv.first  # read by a later layer: crosses every cut between them
+    cut = np.zeros(n + 1)
+    np.add.at(cut, fv.first[crosses], b[crosses])
+    np.add.at(cut, fv.last[crosses], -b[crosses])
+    cut = np.cumsum(cut)[:n]
     carry_bytes = sum(per_device(v) for v in index.carries)
     if layers.scanned:
         cut[1:layers.num_blocks] += carry_bytes  # the scan's carry between blocks
@@ -277,6 +313,32 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
     return LayerCosts(fwd, bwd, step, weights, opt, saved, inputs, working, cut, flops,
                       weights_dp, opt_dp, gather, sent, fflops, outputs, dp_size,
                       _global_batch(view), fwd_fixed, bwd_fixed)
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeldState:
+    """Parameter and optimizer-state inputs, with one row per (value, layer holding it)."""
+
+    values: list[int]
+    nbytes: np.ndarray  # per value
+    param: np.ndarray  # per value: a parameter (else optimizer state)
+    row: np.ndarray  # per row: index into values
+    layer: np.ndarray  # per row: the layer (SPREAD: every block)
+
+
+def _held_state(view, layers: Layers) -> _HeldState:
+    """The `_HeldState` of these layers, memoised on the view."""
+    key = ("held state", id(layers))
+    if key not in view.memo:
+        role_of = _input_roles(view)
+        values = list(layers.input_layers)
+        rows = [(i, l) for i, v in enumerate(values) for l in layers.input_layers[v]]
+        out = _HeldState(values, np.array([float(view.values[v].nbytes) for v in values]),
+                         np.array([role_of.get(v) == "param" for v in values], dtype=bool),
+                         np.array([r[0] for r in rows], dtype=np.int64),
+                         np.array([r[1] for r in rows], dtype=np.int64))
+        view.memo[key] = (layers, out)  # the layers are kept alive with their id
+    return view.memo[key][1]
 
 
 def _input_roles(view) -> dict[int, str]:
@@ -297,19 +359,43 @@ def _global_batch(view) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Values:
+    """Values with the layer each is made in (SPREAD: a scanned body's) and facts per
+    value, as arrays: the per-plan costing reads them in a few array operations."""
+
+    values: list[int]
+    layer: np.ndarray
+    nbytes: np.ndarray
+    copies: np.ndarray  # how many of it the layer keeps (a scan body's: one per trip)
+    # For forward values: the layer it is made in (a scanned body's: the last block) and
+    # the last forward layer that reads it (-1: none).
+    first: np.ndarray
+    last: np.ndarray
+
+    @classmethod
+    def of(cls, view, rows: list[tuple[int, ...]]) -> "_Values":
+        """From (value, layer, copies[, first, last]) rows."""
+        cols = list(zip(*rows)) or [()] * 5
+        arr = lambda k: np.array(cols[k] if k < len(cols) else (), dtype=np.int64)
+        return cls(list(cols[0]), arr(1),
+                   np.array([float(view.values[v].nbytes) for v in cols[0]]),
+                   arr(2), arr(3), arr(4))
+
+
+@dataclasses.dataclass(frozen=True)
 class _ActivationIndex:
     """Plan-independent facts of the forward pass, gathered once per step."""
 
     made_by: dict[int, tuple[int, int]]  # value -> (op id, output position)
-    saved: list[tuple[int, int, int]]  # (value, layer, copies) read by the backward pass
-    forward: list[tuple[int, int, int, int]]  # (value, layer, its layer, last reader layer)
+    saved: _Values  # stored forward values read by the backward pass
+    forward: _Values  # every forward value, with the last layer that reads it
     carries: list[int]  # a scan's forward carries (the activations between its blocks)
 
 
 def _activation_index(view, layers: Layers, live) -> _ActivationIndex:
     key = ("activations", id(layers))
     if key in view.memo:
-        return view.memo[key]
+        return view.memo[key][1]
     where = lambda op_id: (layers.op_pass.get(op_id, "step"), layers.op_layer.get(op_id, 0))
     made_by = {v: (op.id, k) for op in view.ops for k, v in enumerate(op.outputs)}
     stored = set(live.temps)
@@ -333,11 +419,12 @@ def _activation_index(view, layers: Layers, live) -> _ActivationIndex:
             if v in stored and v in backward_read:
                 saved.append((v, layer, op.mult if layer == SPREAD else 1))
             lo = layers.num_blocks if layer == SPREAD else layer
-            forward.append((v, layer, lo, last_reader.get(v, -1)))
-    rebuilt = _rebuilt(view, {v for v, _, _ in saved}, where)
+            forward.append((v, layer, 1, lo, last_reader.get(v, -1)))
+    rebuilt = _rebuilt(view, {s[0] for s in saved}, where)
     saved = [s for s in saved if s[0] not in rebuilt]
-    out = _ActivationIndex(made_by, saved, forward, carries)
-    view.memo[key] = out
+    out = _ActivationIndex(made_by, _Values.of(view, saved), _Values.of(view, forward),
+                           carries)
+    view.memo[key] = (layers, out)  # the layers are kept alive with their id
     return out
 
 
@@ -358,12 +445,21 @@ def _rebuilt(view, saved: set[int], where) -> set[int]:
     return {v for v in saved if memo[v]}
 
 
-def _spread_max(layers: Layers, layer: int, amount: float, out: np.ndarray) -> None:
-    if layer == SPREAD:
+def _spread_all(layers: Layers, layer: np.ndarray, amount: np.ndarray, out: np.ndarray):
+    """`_spread` of many amounts at once."""
+    body = layer == SPREAD
+    np.add.at(out, layer[~body], amount[~body])
+    if body.any():
+        out[1:layers.num_blocks + 1] += amount[body].sum() / layers.num_blocks
+
+
+def _spread_max_all(layers: Layers, layer: np.ndarray, amount: np.ndarray, out: np.ndarray):
+    """`_spread_max` of many amounts at once."""
+    body = layer == SPREAD
+    np.maximum.at(out, layer[~body], amount[~body])
+    if body.any():
         sl = out[1:layers.num_blocks + 1]
-        np.maximum(sl, amount, out=sl)
-    else:
-        out[layer] = max(out[layer], amount)
+        np.maximum(sl, amount[body].max(), out=sl)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,17 +80,65 @@ class Edge:
         return self.cost[np.ix_(self.src_keys, self.dst_keys)]
 
 
+@dataclasses.dataclass(eq=False)
+class Grouping:
+    """The mesh-independent part of a problem: groups, value -> group id, classes, and
+    facts derived from them once, which every candidate mesh and pipeline stage shares
+    (each is a pass over every group: a 96-layer model has ~20k)."""
+
+    groups: list[Group]
+    group_of_value: dict[int, int]
+    classes: list[list[int]]  # class id -> group ids
+    # Derived facts keyed by what else they depend on (the pipeline's layers: `_pipe`).
+    memo: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def slot_mults(self) -> dict[tuple[int, int, int, int], int]:
+        """(producer class, reader class, produced index, slot index) -> executions per
+        step of that read, summed over the groups of the reader class."""
+        groups, group_of_value = self.groups, self.group_of_value
+        index = {v: i for g in groups for i, v in enumerate(g.produced)}
+        mults: dict[tuple[int, int, int, int], int] = {}
+        for g in groups:
+            for si, (mi, k, v, mult) in enumerate(g.slots):
+                key = (groups[group_of_value[v]].cls, g.cls, index[v], si)
+                mults[key] = mults.get(key, 0) + mult
+        return mults
+
+    @functools.cached_property
+    def class_members(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Per class: the values its groups produce and their ops' ids, group after group
+        (each group of a class lists them in the same order as its strategies do)."""
+        out = []
+        for members in self.classes:
+            gs = [self.groups[i] for i in members]
+            out.append((tuple(v for g in gs for v in g.produced),
+                        tuple(op.id for g in gs for op in g.members)))
+        return out
+
+
 @dataclasses.dataclass
 class Problem:
-    groups: list[Group]
-    classes: list[list[int]]  # class id -> group ids
+    grouping: Grouping
     strategies: list[list[GroupStrategy]]  # class id -> strategies
     edges: list[Edge]
     self_cost: list[np.ndarray]  # class id -> extra cost on the diagonal (self edges)
-    group_of_value: dict[int, int]
     view: PlanningView
     mesh_shape: tuple[int, ...]
     comm: CommModel
+
+    @property
+    def groups(self) -> list[Group]:
+        return self.grouping.groups
+
+    @property
+    def classes(self) -> list[list[int]]:
+        """Class id -> group ids."""
+        return self.grouping.classes
+
+    @property
+    def group_of_value(self) -> dict[int, int]:
+        return self.grouping.group_of_value
 
     def class_size(self, c: int) -> int:
         return len(self.classes[c])
@@ -431,10 +479,10 @@ def _propagate(g: Group, head: OpChoice, view, comm, device, eff, rs_as_ar, mesh
 # --------------------------------------------------------------------------- problem
 
 
-def group_view(view: PlanningView, tie: bool = True):
-    """(groups, value -> group id, classes): the mesh-independent part of a problem."""
+def group_view(view: PlanningView, tie: bool = True) -> Grouping:
+    """Groups, value -> group id and classes: the mesh-independent part of a problem."""
     groups, group_of_value = build_groups(view)
-    return groups, group_of_value, group_classes(groups, view, tie)
+    return Grouping(groups, group_of_value, group_classes(groups, view, tie))
 
 
 def build_problem(view: PlanningView, comm: CommModel, device, eff: Efficiency,
@@ -450,18 +498,13 @@ def build_problem(view: PlanningView, comm: CommModel, device, eff: Efficiency,
     from meshplan.planner._memory import materialised  # (a cycle at import time)
     materialised(view)  # memoised on the view for _op_cost
     mesh_shape = comm.mesh.shape
-    groups, group_of_value, classes = grouping or group_view(view, tie)
+    grouping = grouping or group_view(view, tie)
+    groups, classes = grouping.groups, grouping.classes
     strategies = [group_strategies(groups[members[0]], view, comm, mesh_shape, device, eff,
                                    restrict, rs_as_ar) for members in classes]
     self_cost = [np.zeros(len(s)) for s in strategies]
-    mults: dict[tuple, float] = {}
-    for g in groups:
-        for si, (mi, k, v, mult) in enumerate(g.slots):
-            p = groups[group_of_value[v]]
-            key = (p.cls, g.cls, p.produced.index(v), si)
-            mults[key] = mults.get(key, 0) + mult
     edges = []
-    for (pc, gc, pi, si), mult in mults.items():
+    for (pc, gc, pi, si), mult in grouping.slot_mults.items():
         v_rep = groups[classes[pc][0]].produced[pi]
         if weight_moves != 1.0 and batch_free(view, v_rep):
             mult = mult * weight_moves
@@ -471,8 +514,7 @@ def build_problem(view: PlanningView, comm: CommModel, device, eff: Efficiency,
             self_cost[gc] = self_cost[gc] + np.diag(edge.matrix())
         elif edge.cost.any():
             edges.append(edge)
-    return Problem(groups, classes, strategies, edges, self_cost, group_of_value, view,
-                   mesh_shape, comm)
+    return Problem(grouping, strategies, edges, self_cost, view, mesh_shape, comm)
 
 
 def reshard_time(nbytes: float, src: Layout, dst: Layout, comm: CommModel,
