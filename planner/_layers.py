@@ -143,15 +143,15 @@ def find_layers(view: PlanningView, pairs: dict[int, int] | None = None) -> Laye
 
     # A batch-free op that feeds the backward pass (a constant broadcast for a select, a
     # weight transposed for a backward matmul) runs in the backward pass, per microbatch.
-    readers_pass: dict[int, set[str]] = {}
+    per_microbatch = {"forward", "backward"}
+    read_per_microbatch: set[int] = set()  # values a forward or backward op reads
     for i in range(len(ops) - 1, -1, -1):
         op = ops[i]
-        if op_pass.get(op.id) == "step" and any(
-                readers_pass.get(v, set()) & {"forward", "backward"} for v in op.outputs):
-            op_pass[op.id] = "backward"
-        for v in op.inputs:
-            if op.id in op_pass:
-                readers_pass.setdefault(v, set()).add(op_pass[op.id])
+        phase = op_pass.get(op.id)
+        if phase == "step" and any(v in read_per_microbatch for v in op.outputs):
+            op_pass[op.id] = phase = "backward"
+        if phase in per_microbatch:
+            read_per_microbatch.update(op.inputs)
 
     # Block labels of parameter-derived values (casts, transposes of one block's weights).
     label: dict[int, int] = {v: rank[b] + 1 for v, b in block_of_value.items()}
@@ -186,11 +186,15 @@ def find_layers(view: PlanningView, pairs: dict[int, int] | None = None) -> Laye
     _label_forward(ops, op_pass, op_layer, anchor, post)
     _label_backward(ops, op_pass, op_layer, anchor, post)
 
+    # The layers reading each state input that no block owns (embedding, head).
+    shared = {op.outputs[0] for op in state} - block_of_value.keys()
     readers: dict[int, set[int]] = {}
     for op in ops:
-        for v in op.inputs:
-            if op.id in op_layer:
-                readers.setdefault(v, set()).add(op_layer[op.id])
+        layer = op_layer.get(op.id)
+        if layer is not None:
+            for v in op.inputs:
+                if v in shared:
+                    readers.setdefault(v, set()).add(layer)
     stacked = {op.inputs[0] for op in ops if op.prim == "scan_slice" and op.inputs}
     stacked_suffix = {_suffix(o.path) for o in state if o.outputs[0] in stacked}
     input_layers: dict[int, tuple[int, ...]] = {}

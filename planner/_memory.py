@@ -47,6 +47,7 @@ import dataclasses
 import functools
 import heapq
 import math
+from itertools import chain
 
 import numpy as np
 
@@ -358,7 +359,7 @@ def liveness(view: PlanningView) -> Liveness:
             reads = src.get(ins[0], ())  # already an ordered set
         else:
             # An ordered set: fused chains can read hundreds of buffers.
-            reads = tuple(dict.fromkeys(b for v in ins for b in src.get(v, ())))
+            reads = tuple(dict.fromkeys(chain.from_iterable([src.get(v, ()) for v in ins])))
         reads_of_op.append(reads)
         for v in op.outputs:
             if v in arg_set:
@@ -371,6 +372,11 @@ def liveness(view: PlanningView) -> Liveness:
     unit_defs: list[list[int]] = []
     unit_reads: list[list[int]] = []
     for members in units:
+        if len(members) == 1:  # an op reads nothing it defines itself
+            k = members[0]
+            unit_defs.append([v for v in ops[k].outputs if v in stored])
+            unit_reads.append(list(reads_of_op[k]))
+            continue
         defs = [v for k in members for v in ops[k].outputs if v in stored]
         ds = set(defs)
         outside = dict.fromkeys(b for k in members for b in reads_of_op[k] if b not in ds)

@@ -54,12 +54,19 @@ class SearchOptions:
         second; a mesh whose solve runs out keeps its best fallback, and says so in status.
       efficiency: attained fractions of peak (compute model).
       tie_layers: share one decision among structurally identical layers.
+      stage_patience: pipelines are tried with more and more stages; the search stops
+        after this many stage counts in a row whose best plan fits but is slower than the
+        best found so far (None: every stage count is tried). Past the fewest stages that
+        fit, more stages mostly add bubble and transfers (Narayanan et al., SC 2021,
+        takeaway 2: model-parallel size just large enough to fit), and each stage count
+        costs an ILP per stage mesh.
     """
 
     memory_limit: float | None = None
     time_limit: float = 3.0
     efficiency: Efficiency = Efficiency()
     tie_layers: bool = True
+    stage_patience: int | None = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,7 +368,14 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
     act_scale: dict[int, float] = {}
     dropped: set[int] = set()
     runs = []
+    best_time, slower = math.inf, 0  # the fastest pipeline so far; stage counts since
     for p in pipeline_degrees(n, layers.num_layers, c, per_node):
+        if opts.stage_patience is not None and slower >= opts.stage_patience:
+            if progress:
+                progress(f"pp{p} and more stages not tried: {slower} stage counts in a row "
+                         "were slower than the best (SearchOptions.stage_patience)")
+            break
+        tried = len(runs)
         size = n // p
         chunks = [tuple(order[i * size:(i + 1) * size]) for i in range(p)]
         subs = [cluster.subset(ch) for ch in chunks]
@@ -407,6 +421,10 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
         if at_p:
             best = min(at_p.values())
             dropped |= {t for t, x in at_p.items() if x > _TP_PRUNE_MARGIN * best}
+        here = min((s.pipeline.step_time for _, s in runs[tried:]), default=None)
+        if here is not None:  # (a stage count where nothing fits does not count)
+            slower = slower + 1 if here >= best_time else 0
+            best_time = min(best_time, here)
     return runs
 
 
