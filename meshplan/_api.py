@@ -40,8 +40,8 @@ class _Traced:
 
 def _signature(args) -> tuple:
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    return (treedef, tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x))))
-                           for x in leaves))
+    # dtype objects hash and compare by value (str() of one costs a microsecond).
+    return (treedef, tuple((tuple(np.shape(x)), getattr(x, "dtype", type(x))) for x in leaves))
 
 
 def _pairs(graph: Graph, args, out_shape, roles) -> dict[int, int]:
@@ -124,7 +124,9 @@ class AutoParallel:
 
     def trace(self, *args) -> _Traced:
         """The traced Graph of the step for these arguments (cached per signature)."""
-        key = self._key(args)
+        return self._trace(self._key(args), args)
+
+    def _trace(self, key, args) -> _Traced:
         if key not in self._traced:
             dyn, fn = self._split(args)
             roles = tuple(self.roles) if self.roles else default_roles(len(dyn))
@@ -153,10 +155,11 @@ class AutoParallel:
         """
         if self._fixed_plan is not None and constraints is None and cluster is None:
             return self._check_fixed(args)
-        t = self.trace(*args)
+        arg_key = self._key(args)
+        t = self._trace(arg_key, args)
         cluster = cluster or self.cluster
         c = constraints or self.constraints
-        key = (self._key(args), c, cluster.fingerprint(), compare_baselines)
+        key = (arg_key, c, cluster.fingerprint(), compare_baselines)
         if key not in self._plans:
             bases = baseline_constraints(cluster) if compare_baselines else None
             self._plans[key] = search(t.graph, cluster, c, self.options, pairs=t.pairs,

@@ -470,21 +470,18 @@ def _timeline(view, units, order, reads_of_op, stored, args, outputs, pins,
             first_slot[k], last_slot[k] = lo, hi
     start: dict[int, int] = {}
     end: dict[int, int] = {}
-    for k in range(n_ops):
-        s = int(slot[k])
-        if s < 0:
-            continue
-        lp = int(loop_of[k])
+    scheduled = [k for k in range(n_ops) if slot[k] >= 0]
+    for k in scheduled:
+        s = slot[k]
+        lp = loop_of[k]
         for v in ops[k].outputs:
             if v in stored and v not in arg_set:
                 s0 = loops[lp][0] if v in state else s
                 start[v] = 2 * s0 + 1
                 end[v] = max(end.get(v, -1), 2 * (loops[lp][1] if v in state else s) + 1)
-    for k in range(n_ops):
-        s = int(slot[k])
-        if s < 0:
-            continue
-        lp = int(loop_of[k])
+    for k in scheduled:
+        s = slot[k]
+        lp = loop_of[k]
         for b in reads_of_op[k]:
             if b in arg_set or b not in start:
                 continue
@@ -493,10 +490,10 @@ def _timeline(view, units, order, reads_of_op, stored, args, outputs, pins,
                 t_read = loops[lp][1]  # read from outside the loop: kept for all iterations
             end[b] = max(end[b], 2 * t_read + 1)
     # Element-wise fusions write over an operand of the same shape that dies with them.
-    for k in range(n_ops):
-        s = int(slot[k])
+    for k in scheduled:
+        s = slot[k]
         op = ops[k]
-        if s < 0 or loop_of[k] >= 0 or op.prim not in _FUSIBLE or op.kind != "op":
+        if loop_of[k] >= 0 or op.prim not in _FUSIBLE or op.kind != "op":
             continue
         for v in op.outputs:
             if v not in stored or v in out_set:
@@ -513,11 +510,12 @@ def _timeline(view, units, order, reads_of_op, stored, args, outputs, pins,
     en = np.array([last_phase if v in out_set else end[v] for v in temps], dtype=np.int64)
     is_out = np.array([v in out_set for v in temps], dtype=bool)
     pin = np.array([pins.get(v, -1) for v in temps], dtype=np.int64)
-    value_loop = {v: int(loop_of[k]) for k in range(n_ops) if loop_of[k] >= 0
-                  for v in ops[k].outputs}
-    loop_view = {op.outputs[0]: (op.inputs[0], op.prim == "scan_slice") for k, op in
-                 enumerate(ops) if loop_of[k] >= 0 and op.prim in ("scan_slice", "alias")
-                 and op.inputs and op.outputs and not values[op.inputs[0]].is_const}
+    in_loops = [k for k in range(n_ops) if loop_of[k] >= 0] if loops else []
+    value_loop = {v: loop_of[k] for k in in_loops for v in ops[k].outputs}
+    loop_view = {ops[k].outputs[0]: (ops[k].inputs[0], ops[k].prim == "scan_slice")
+                 for k in in_loops if ops[k].prim in ("scan_slice", "alias")
+                 and ops[k].inputs and ops[k].outputs
+                 and not values[ops[k].inputs[0]].is_const}
     return Liveness(tuple(temps), st, en, tuple(args), tuple(outputs), is_out, pin,
                     2 * n_slots, np.array(first_slot, dtype=np.int64),
                     np.array(last_slot, dtype=np.int64), np.array(loop_of, dtype=np.int64),

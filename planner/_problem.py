@@ -229,6 +229,13 @@ def _main_operand(op: POp, view, groups, group_of_value) -> int | None:
     """The operand a follower inherits its layout from: prefer one that is not fixed."""
     if op.kind != "op" or op.dims is None or op.dims.main is None:
         return None
+    # Most often the declared main operand is already a fine one.
+    m = op.dims.main
+    u = op.inputs[m]
+    if u in group_of_value and groups[group_of_value[u]].kind != "fixed" and \
+            not _is_const(view, u) and \
+            len(view.values[u].shape) == len(op.dims.operands[m] or ()):
+        return m
     candidates = [op.dims.main] + [i for i, arr in enumerate(op.dims.operands)
                                    if arr is not None and i != op.dims.main]
     candidates = [i for i in candidates if not _is_const(view, op.inputs[i])
