@@ -9,8 +9,11 @@ process is measured 30-50 % slower: JAX's caches keep the first one's traces ali
               the user's Python runs once per unrolled layer, outside meshplan's control
   graph s     meshplan turning the jaxpr into its Graph (`step.trace`; JAX's trace cached)
   plan s      the search: planning view, classes, three logical meshes' ILPs, evaluation
+  (ilp s)     of which HiGHS and the model around it, for the chosen mesh (varies run to
+              run by up to a second at either depth: it does not depend on depth)
   meshplan s  graph + plan, the part the planner's design controls
-With --repeat N each depth runs N times and the median of each column is shown.
+With --repeat N each depth runs N times and the median of each column is shown; the depths
+take turns (24, 96, 24, 96, ...), so a slow spell of this shared machine falls on both.
 
 Run: python benchmarks/planning_speed.py [--layers 24 48 96] [--repeat 3] [--time-limit 3]
 """
@@ -44,7 +47,8 @@ def one_run(layers: int, hidden: int, time_limit: float, devices: int) -> dict:
     t3 = time.perf_counter()
     solver = dict(plan.solver)
     return {"layers": layers, "jax": t1 - t0, "graph": t2 - t1, "plan": t3 - t2,
-            "meshplan": t3 - t1, "total": t3 - t0, "classes": solver["classes"],
+            "meshplan": t3 - t1, "total": t3 - t0, "ilp": solver["ilp_seconds"],
+            "classes": solver["classes"],
             "groups": solver["groups"], "mesh": "x".join(map(str, plan.mesh_shape)),
             "status": solver["status"]}
 
@@ -62,21 +66,25 @@ def main():
         print(json.dumps(one_run(args.layers[0], args.hidden, args.time_limit, args.devices)))
         return
 
-    cols = ("jax", "graph", "plan", "meshplan", "total")
-    print(f"{'layers':>6} {'jax s':>7} {'graph s':>8} {'plan s':>7} {'meshplan s':>10} "
+    cols = ("jax", "graph", "plan", "ilp", "meshplan", "total")
+    print(f"{'layers':>6} {'jax s':>7} {'graph s':>8} {'plan s':>7} {'(ilp s)':>7} "
+          f"{'meshplan s':>10} "
           f"{'total s':>8} {'classes':>8} {'groups':>7} {'mesh':>6} status")
-    rows = []
-    for layers in args.layers:
-        runs = []
-        for _ in range(args.repeat):
+    runs: dict[int, list[dict]] = {layers: [] for layers in args.layers}
+    for _ in range(args.repeat):
+        for layers in args.layers:
             out = subprocess.run(
                 [sys.executable, __file__, "--child", "--layers", str(layers), "--hidden",
                  str(args.hidden), "--time-limit", str(args.time_limit), "--devices",
                  str(args.devices)], capture_output=True, text=True, check=True)
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        row = dict(runs[-1], **{c: statistics.median(r[c] for r in runs) for c in cols})
+            runs[layers].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = []
+    for layers in args.layers:
+        row = dict(runs[layers][-1], **{c: statistics.median(r[c] for r in runs[layers])
+                                        for c in cols})
         rows.append(row)
         print(f"{layers:>6} {row['jax']:7.2f} {row['graph']:8.2f} {row['plan']:7.2f} "
+              f"{row['ilp']:7.2f} "
               f"{row['meshplan']:10.2f} {row['total']:8.2f} {row['classes']:>8} "
               f"{row['groups']:>7} {row['mesh']:>6} {row['status']}")
     if len(rows) >= 2:
