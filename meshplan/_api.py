@@ -80,13 +80,18 @@ class AutoParallel:
                  donate_argnums: Sequence[int] = (), static_argnums: Sequence[int] = (),
                  memory_limit: float | None = None, constraints: Constraints | None = None,
                  plan: Plan | None = None, roles: Sequence[str] | None = None,
-                 time_limit: float = 3.0):
+                 time_limit: float = 3.0, stage_patience: int | None = 2):
         self.fn = fn
         self._cluster = cluster
         self.donate_argnums = tuple(donate_argnums)
         self.static_argnums = tuple(static_argnums)
         self.constraints = constraints or Constraints()
-        self.options = SearchOptions(memory_limit=memory_limit, time_limit=time_limit)
+        if stage_patience is not None and (not isinstance(stage_patience, int)
+                                           or stage_patience < 1):
+            raise ValueError(f"stage_patience={stage_patience!r}: give a whole number of stage "
+                             "counts >= 1, or None to try every stage count.")
+        self.options = SearchOptions(memory_limit=memory_limit, time_limit=time_limit,
+                                     stage_patience=stage_patience)
         self.roles = roles
         self._fixed_plan = plan
         self._traced: dict[tuple, _Traced] = {}
@@ -414,7 +419,8 @@ def auto_parallel(fn: Callable | None = None, **kwargs):
     Keyword arguments: cluster (default `Cluster.local()`), donate_argnums, static_argnums,
     memory_limit (bytes per device), constraints (`Constraints`), plan (a saved `Plan` to
     apply without solving), roles (role per argument: "param", "opt_state", "data"),
-    time_limit (seconds per ILP solve).
+    time_limit (seconds per ILP solve), stage_patience (pipelines: stop adding stages after
+    this many stage counts in a row slower than the best; None tries every count).
 
     Example:
         >>> import meshplan as mp

@@ -372,8 +372,9 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
     for p in pipeline_degrees(n, layers.num_layers, c, per_node):
         if opts.stage_patience is not None and slower >= opts.stage_patience:
             if progress:
-                progress(f"pp{p} and more stages not tried: {slower} stage counts in a row "
-                         "were slower than the best (SearchOptions.stage_patience)")
+                progress(f"pp{p} and more stages not tried: the last {slower} stage "
+                         f"count{'s were' if slower > 1 else ' was'} slower than the best "
+                         "(stage_patience)")
             break
         tried = len(runs)
         size = n // p

@@ -220,3 +220,47 @@ def test_per_layer_recomputation_fills_the_memory_between_none_and_full():
     best = best_pipeline(c, 2, limit, lambda b: 0.0, schedules=("1f1b",),
                          remats=("none", "full", "layers"), zeros=(0,), microbatches=4)
     assert best.remat == "layers" and best.step_time < full.step_time
+
+
+def test_the_stage_search_stops_after_stage_counts_that_only_got_slower():
+    """With patience k, the search tries stage counts in increasing order and stops after k
+    in a row whose best plan is slower than the best so far; None tries them all."""
+    ex = make("gpt", layers=16, abstract=True)
+    cluster = mp.clusters.dgx_a100(nodes=16)  # stage counts 2, 4, 8, 16 (whole nodes)
+
+    def tried(patience):
+        said = []
+        step = mp.auto_parallel(ex.train_step, cluster=cluster, stage_patience=patience,
+                                time_limit=1.0)
+        plan = step.plan(*ex.args, compare_baselines=False, progress=said.append)
+        counts = sorted({int(m.split()[0][2:]) for m in said
+                         if m.startswith("pp") and "not tried" not in m})
+        times = {}
+        for a in plan.alternatives + (None,):
+            name, cost = (a.name, a.cost) if a else (None, plan.cost)
+            p = int(name.split()[0][2:]) if name and name.startswith("pp") else \
+                (len(plan.stages) // plan.pipeline.virtual_stages if a is None and plan.stages
+                 else None)
+            if p:
+                times[p] = min(times.get(p, float("inf")), cost.step_time)
+        return counts, times, plan, said
+
+    every, times, full, _ = tried(None)
+    assert every == [2, 4, 8, 16]
+    # Where the search with patience 1 must stop: after the first stage count slower than
+    # the best of the counts before it.
+    best, stop = float("inf"), every[-1]
+    for p in every:
+        if times[p] >= best:
+            stop = p
+            break
+        best = times[p]
+    some, _, short, said = tried(1)
+    assert some == [p for p in every if p <= stop]
+    if stop < every[-1]:
+        assert any("not tried" in m for m in said)
+    # Every count it skipped was slower than the plan it returned.
+    assert all(times[p] >= short.cost.step_time for p in every if p > stop)
+    assert short.cost.step_time == pytest.approx(full.cost.step_time)
+    with pytest.raises(ValueError, match="stage_patience"):
+        mp.auto_parallel(ex.train_step, stage_patience=0)
