@@ -401,6 +401,46 @@ def liveness(view: PlanningView) -> Liveness:
     return best[1]
 
 
+def _flat_reads(view, reads_of_op) -> tuple[np.ndarray, np.ndarray]:
+    """(reading op, buffer) per read, as arrays; memoised per list of reads."""
+    key = ("flat reads", id(reads_of_op))
+    if key not in view.memo:
+        lens = np.fromiter(map(len, reads_of_op), dtype=np.int64, count=len(reads_of_op))
+        view.memo[key] = (reads_of_op, (np.repeat(np.arange(len(reads_of_op)), lens),
+                                        np.fromiter(chain.from_iterable(reads_of_op),
+                                                    dtype=np.int64, count=int(lens.sum()))))
+    return view.memo[key][1]
+
+
+def _last_reads(view, reads_of_op, slot, loop_of, loops, start: dict, end: dict) -> None:
+    """Extend `end` to each stored value's last read, in arrays (a deep model has a few
+    hundred thousand reads: fused chains read every buffer they start from).
+
+    A read from inside a loop of a value made outside it keeps the value to the loop's
+    end (every iteration reads it)."""
+    read_op, buf = _flat_reads(view, reads_of_op)
+    if not len(buf) or not start:
+        return
+    made = np.fromiter(start, dtype=np.int64, count=len(start))
+    first_phase = np.full(int(max(made.max(), buf.max())) + 1, -1, dtype=np.int64)
+    first_phase[made] = np.fromiter(start.values(), dtype=np.int64, count=len(start))
+    s = np.asarray(slot, dtype=np.int64)[read_op]
+    st = first_phase[buf]
+    keep = (s >= 0) & (st >= 0)  # scheduled readers of stored values (not arguments)
+    s, st, buf = s[keep], st[keep], buf[keep]
+    lp = np.asarray(loop_of, dtype=np.int64)[read_op[keep]]
+    if loops and (lp >= 0).any():
+        span = np.asarray(loops, dtype=np.int64)
+        inside = lp >= 0
+        lo, hi = span[lp[inside], 0], span[lp[inside], 1]
+        outside = ~((2 * lo + 1 <= st[inside]) & (st[inside] <= 2 * hi + 1))
+        s[inside] = np.where(outside, hi, s[inside])
+    last = np.full(len(first_phase), -1, dtype=np.int64)
+    last[made] = np.fromiter((end[v] for v in start), dtype=np.int64, count=len(start))
+    np.maximum.at(last, buf, 2 * s + 1)
+    end.update(zip(start, last[made].tolist()))
+
+
 def _timeline(view, units, order, reads_of_op, stored, args, outputs, pins,
               consumers) -> Liveness:
     """Phases for the units in `order`; each stored value live from definition to last read.
@@ -479,16 +519,7 @@ def _timeline(view, units, order, reads_of_op, stored, args, outputs, pins,
                 s0 = loops[lp][0] if v in state else s
                 start[v] = 2 * s0 + 1
                 end[v] = max(end.get(v, -1), 2 * (loops[lp][1] if v in state else s) + 1)
-    for k in scheduled:
-        s = slot[k]
-        lp = loop_of[k]
-        for b in reads_of_op[k]:
-            if b in arg_set or b not in start:
-                continue
-            t_read = s
-            if lp >= 0 and not (loops[lp][0] * 2 + 1 <= start[b] <= loops[lp][1] * 2 + 1):
-                t_read = loops[lp][1]  # read from outside the loop: kept for all iterations
-            end[b] = max(end[b], 2 * t_read + 1)
+    _last_reads(view, reads_of_op, slot, loop_of, loops, start, end)
     # Element-wise fusions write over an operand of the same shape that dies with them.
     for k in scheduled:
         s = slot[k]
