@@ -40,8 +40,10 @@ class _Traced:
 
 def _signature(args) -> tuple:
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    # dtype objects hash and compare by value (str() of one costs a microsecond).
-    return (treedef, tuple((tuple(np.shape(x)), getattr(x, "dtype", type(x))) for x in leaves))
+    # dtype objects hash and compare by value (str() of one costs a microsecond); a Python
+    # scalar is tagged apart, as np.dtype("bool") == bool holds.
+    return (treedef, tuple((tuple(np.shape(x)), ("array", x.dtype) if hasattr(x, "dtype")
+                            else ("python", type(x))) for x in leaves))
 
 
 def _pairs(graph: Graph, args, out_shape, roles) -> dict[int, int]:
@@ -86,10 +88,6 @@ class AutoParallel:
         self.donate_argnums = tuple(donate_argnums)
         self.static_argnums = tuple(static_argnums)
         self.constraints = constraints or Constraints()
-        if stage_patience is not None and (not isinstance(stage_patience, int)
-                                           or stage_patience < 1):
-            raise ValueError(f"stage_patience={stage_patience!r}: give a whole number of stage "
-                             "counts >= 1, or None to try every stage count.")
         self.options = SearchOptions(memory_limit=memory_limit, time_limit=time_limit,
                                      stage_patience=stage_patience)
         self.roles = roles
@@ -420,7 +418,7 @@ def auto_parallel(fn: Callable | None = None, **kwargs):
     memory_limit (bytes per device), constraints (`Constraints`), plan (a saved `Plan` to
     apply without solving), roles (role per argument: "param", "opt_state", "data"),
     time_limit (seconds per ILP solve), stage_patience (pipelines: stop adding stages after
-    this many stage counts in a row slower than the best; None tries every count).
+    this many stage counts in a row no faster than the best; None tries every count).
 
     Example:
         >>> import meshplan as mp

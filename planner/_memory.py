@@ -392,33 +392,32 @@ def liveness(view: PlanningView) -> Liveness:
     order = _list_schedule(sub_reads, sub_defs, size, never, [scalar[u] for u in active])
     best = None
     # XLA keeps the schedule that needs less memory: the list schedule or program order.
+    flat_reads = _flat_reads(reads_of_op)
     for cand in (order, list(range(len(active)))):
-        live = _timeline(view, units, [active[u] for u in cand], reads_of_op, stored,
-                         args, outputs, pins, consumers)
+        live = _timeline(view, units, [active[u] for u in cand], reads_of_op, flat_reads,
+                         stored, args, outputs, pins, consumers)
         peak = _curve_peak(live, np.array([size[v] for v in live.temps]))
         if best is None or peak < best[0]:
             best = (peak, live)
     return best[1]
 
 
-def _flat_reads(view, reads_of_op) -> tuple[np.ndarray, np.ndarray]:
-    """(reading op, buffer) per read, as arrays; memoised per list of reads."""
-    key = ("flat reads", id(reads_of_op))
-    if key not in view.memo:
-        lens = np.fromiter(map(len, reads_of_op), dtype=np.int64, count=len(reads_of_op))
-        view.memo[key] = (reads_of_op, (np.repeat(np.arange(len(reads_of_op)), lens),
-                                        np.fromiter(chain.from_iterable(reads_of_op),
-                                                    dtype=np.int64, count=int(lens.sum()))))
-    return view.memo[key][1]
+def _flat_reads(reads_of_op) -> tuple[np.ndarray, np.ndarray]:
+    """(reading op, buffer) per read, as arrays."""
+    lens = np.fromiter(map(len, reads_of_op), dtype=np.int64, count=len(reads_of_op))
+    return (np.repeat(np.arange(len(reads_of_op)), lens),
+            np.fromiter(chain.from_iterable(reads_of_op), dtype=np.int64,
+                        count=int(lens.sum())))
 
 
-def _last_reads(view, reads_of_op, slot, loop_of, loops, start: dict, end: dict) -> None:
+def _last_reads(reads: tuple[np.ndarray, np.ndarray], slot, loop_of, loops, start: dict,
+                end: dict) -> None:
     """Extend `end` to each stored value's last read, in arrays (a deep model has a few
     hundred thousand reads: fused chains read every buffer they start from).
 
     A read from inside a loop of a value made outside it keeps the value to the loop's
     end (every iteration reads it)."""
-    read_op, buf = _flat_reads(view, reads_of_op)
+    read_op, buf = reads
     if not len(buf) or not start:
         return
     made = np.fromiter(start, dtype=np.int64, count=len(start))
@@ -441,7 +440,7 @@ def _last_reads(view, reads_of_op, slot, loop_of, loops, start: dict, end: dict)
     end.update(zip(start, last[made].tolist()))
 
 
-def _timeline(view, units, order, reads_of_op, stored, args, outputs, pins,
+def _timeline(view, units, order, reads_of_op, flat_reads, stored, args, outputs, pins,
               consumers) -> Liveness:
     """Phases for the units in `order`; each stored value live from definition to last read.
 
@@ -519,7 +518,7 @@ def _timeline(view, units, order, reads_of_op, stored, args, outputs, pins,
                 s0 = loops[lp][0] if v in state else s
                 start[v] = 2 * s0 + 1
                 end[v] = max(end.get(v, -1), 2 * (loops[lp][1] if v in state else s) + 1)
-    _last_reads(view, reads_of_op, slot, loop_of, loops, start, end)
+    _last_reads(flat_reads, slot, loop_of, loops, start, end)
     # Element-wise fusions write over an operand of the same shape that dies with them.
     for k in scheduled:
         s = slot[k]
@@ -674,6 +673,8 @@ def _collective_buffers(view, live, layout_of, mesh_shape, op_layouts, reduce_sc
                     if not reduce_scatter and i is not None and not live.is_out[i]:
                         sizes[i] = max(sizes[i], pre)
         for i, u in operands:
+            if i >= len(ins):
+                break
             want = ins[i]
             have = layout_of.get(u)
             if have is None or have == want:

@@ -140,8 +140,9 @@ class _GroupIndex:
     stage mesh cuts its plan into layers with it).
 
     classes: (class, pass, once per step) -> per layer, how many of its groups run there.
-    reads: (producer class, produced index, reader class, slot index) -> the groups'
-      reads of such a value: [(order, pass, layer, value, dedup mult, mult, batch-free)].
+    reads: (producer class, reader class, produced index, slot index), as in
+      `Grouping.slot_mults` -> the groups' reads of such a value: [(order, pass, layer,
+      value, dedup mult, mult, batch-free)].
       Every group of a class takes the class's strategy, so a read needs a reshard
       exactly when its bucket's producer layout differs from the wanted one.
     """
@@ -168,7 +169,7 @@ def _group_index(view, layers: Layers, grouping) -> _GroupIndex:
         batchless = not any(vdims.get(v) for v in g.produced)
         by_class.setdefault((g.cls, phase, phase != "step" and batchless), []).append(layer)
         for si, (mi, k, v, mult) in enumerate(g.slots):
-            bucket = (groups[group_of_value[v]].cls, position[v], g.cls, si)
+            bucket = (groups[group_of_value[v]].cls, g.cls, position[v], si)
             reads.setdefault(bucket, []).append(
                 (n_reads, phase, layer, v, g.members[mi].mult if k >= 0 else mult, mult,
                  batch_free(view, v)))
@@ -238,7 +239,7 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
     # Only the reads whose producer class lays the value out otherwise than the reader's
     # class wants it are visited, in group order (which read of a value is charged).
     strategy = [problem.strategies[c][choice[c]] for c in range(len(choice))]
-    moving = sorted(r for (pc, pi, gc, si), rs in groups.reads.items()
+    moving = sorted(r for (pc, gc, pi, si), rs in groups.reads.items()
                     if strategy[pc].produced[pi] != strategy[gc].slots[si]
                     for r in ((x, strategy[gc].slots[si]) for x in rs))
     seen_reshard: set = set()
@@ -446,15 +447,16 @@ def _rebuilt(view, saved: set[int], where) -> set[int]:
 
 
 def _spread_all(layers: Layers, layer: np.ndarray, amount: np.ndarray, out: np.ndarray):
-    """`_spread` of many amounts at once."""
+    """`_spread` of many amounts at once (in the same order, so the same sums)."""
     body = layer == SPREAD
     np.add.at(out, layer[~body], amount[~body])
-    if body.any():
-        out[1:layers.num_blocks + 1] += amount[body].sum() / layers.num_blocks
+    blocks = out[1:layers.num_blocks + 1]
+    for share in (amount[body] / layers.num_blocks).tolist():  # a scan body's few values
+        blocks += share
 
 
 def _spread_max_all(layers: Layers, layer: np.ndarray, amount: np.ndarray, out: np.ndarray):
-    """`_spread_max` of many amounts at once."""
+    """Per layer, the largest of the amounts made there (a scan body's: in every block)."""
     body = layer == SPREAD
     np.maximum.at(out, layer[~body], amount[~body])
     if body.any():

@@ -112,8 +112,14 @@ class Grouping:
         out = []
         for members in self.classes:
             gs = [self.groups[i] for i in members]
-            out.append((tuple(v for g in gs for v in g.produced),
-                        tuple(op.id for g in gs for op in g.members)))
+            values = tuple(v for g in gs for v in g.produced)
+            ops = tuple(op.id for g in gs for op in g.members)
+            # Groups of a class have one shape (its key says so, up to a 64-bit hash).
+            if len(values) != len(gs) * len(gs[0].produced) or \
+                    len(ops) != len(gs) * len(gs[0].members):
+                raise AssertionError("groups of one class differ in shape (a 64-bit hash "
+                                     "collision in group_classes): a bug, please report it.")
+            out.append((values, ops))
         return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import numbers
 import time as _time
 from typing import Callable
 
@@ -55,8 +56,9 @@ class SearchOptions:
       efficiency: attained fractions of peak (compute model).
       tie_layers: share one decision among structurally identical layers.
       stage_patience: pipelines are tried with more and more stages; the search stops
-        after this many stage counts in a row whose best plan fits but is slower than the
-        best found so far (None: every stage count is tried). Past the fewest stages that
+        after this many stage counts in a row whose best plan is no faster than the best
+        found so far (stage counts where nothing fits are passed over, neither counted nor
+        breaking the row; None: every stage count is tried). Past the fewest stages that
         fit, more stages mostly add bubble and transfers (Narayanan et al., SC 2021,
         takeaway 2: model-parallel size just large enough to fit), and each stage count
         costs an ILP per stage mesh.
@@ -67,6 +69,13 @@ class SearchOptions:
     efficiency: Efficiency = Efficiency()
     tie_layers: bool = True
     stage_patience: int | None = 2
+
+    def __post_init__(self):
+        p = self.stage_patience
+        if p is not None and (isinstance(p, bool) or not isinstance(p, numbers.Integral)
+                              or p < 1):
+            raise ValueError(f"stage_patience={p!r}: give a whole number of stage counts "
+                             ">= 1, or None to try every stage count.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,7 +382,7 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
         if opts.stage_patience is not None and slower >= opts.stage_patience:
             if progress:
                 progress(f"pp{p} and more stages not tried: the last {slower} stage "
-                         f"count{'s were' if slower > 1 else ' was'} slower than the best "
+                         f"count{'s were' if slower > 1 else ' was'} no faster than the best "
                          "(stage_patience)")
             break
         tried = len(runs)
@@ -700,7 +709,7 @@ def _to_plan(graph, cluster, best: Solved, view, out_values, in_treedef, out_tre
         mesh_shape=best.candidate.mesh.shape, axis_names=best.axis_names,
         device_order=tuple(order), in_layouts=in_layouts, stages=stages, pipeline=settings,
         out_layouts=tuple(out_layouts), in_treedef=in_treedef, out_treedef=out_treedef,
-        cost=best.cost, value_layouts=dict(a.value_layout), op_inputs=op_inputs,
+        cost=best.cost, value_layouts=dict(sorted(a.value_layout.items())), op_inputs=op_inputs,
         graph_fingerprint=graph_fingerprint(graph), cluster_fingerprint=cluster.fingerprint(),
         cluster_name=cluster.name, solver=solver,
         unknown_primitives=graph.unknown_primitives,
