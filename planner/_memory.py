@@ -54,7 +54,7 @@ import numpy as np
 from meshplan.ir._dims import ELEMENTWISE
 from meshplan.planner._ilp import MemoryRow
 from meshplan.planner._layout import Layout, reshard, shards
-from meshplan.planner._ops import PlanningView
+from meshplan.planner._ops import PlanningView, memo_of
 
 # Ops that only change how an array is indexed: XLA turns them into bitcasts or folds them
 # into the layout of the op that reads them, even when that op is a matmul.
@@ -726,15 +726,13 @@ def _collective_buffers(view, live, layout_of, mesh_shape, op_layouts, reduce_sc
 def _scheduled_ops(view, live: Liveness) -> list[tuple[int, object, bool, tuple]]:
     """(index, op, whether it reduces a loop, its non-constant operands as (position,
     value)) of every scheduled op, the ones whose layouts can add buffers; memoised."""
-    key = ("scheduled ops", id(live))
-    if key not in view.memo:
+    def make():
         first = live.op_first.tolist()
         values = view.values
-        view.memo[key] = (live, [
-            (k, op, bool(op.dims is not None and op.dims.reduced_loops),
-             tuple((i, u) for i, u in enumerate(op.inputs) if not values[u].is_const))
-            for k, op in enumerate(view.ops) if first[k] >= 0 and op.kind == "op"])
-    return view.memo[key][1]
+        return [(k, op, bool(op.dims is not None and op.dims.reduced_loops),
+                 tuple((i, u) for i, u in enumerate(op.inputs) if not values[u].is_const))
+                for k, op in enumerate(view.ops) if first[k] >= 0 and op.kind == "op"]
+    return memo_of(view.memo, "scheduled ops", live, make)
 
 
 def _major_gather(shape, have, want, mesh_shape) -> bool:

@@ -73,6 +73,15 @@ class PlanningView:
         return {v: op for op in self.ops for v in op.outputs}
 
 
+def memo_of(memo: dict, name: str, of, make):
+    """`make()`, kept in `memo` under (name, id(of)). The entry holds `of` too, so no other
+    object can take its id while the entry lives."""
+    key = (name, id(of))
+    if key not in memo:
+        memo[key] = (of, make())
+    return memo[key][1]
+
+
 def build_view(graph: Graph, pairs: dict[int, int] | None = None) -> PlanningView:
     """Flatten `graph` (and its scan/remat bodies) into planning ops.
 

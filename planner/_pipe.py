@@ -38,7 +38,7 @@ from meshplan.costmodel import in_flight, pipeline_time
 from meshplan.ir._dims import rebuildable
 from meshplan.planner._layers import SPREAD, Layers
 from meshplan.planner._layout import reshard, shards
-from meshplan.planner._ops import batch_dims, batch_free
+from meshplan.planner._ops import batch_dims, batch_free, memo_of
 
 __all__ = ["LayerCosts", "PipelineChoice", "layer_costs", "best_pipeline"]
 
@@ -152,9 +152,12 @@ class _GroupIndex:
 
 
 def _group_index(view, layers: Layers, grouping) -> _GroupIndex:
-    key = ("group index", id(layers))
-    if key in grouping.memo:
-        return grouping.memo[key][1]
+    """The `_GroupIndex` of a grouping cut into these layers, kept with the grouping."""
+    return memo_of(grouping.memo, "group index", layers,
+                   lambda: _make_group_index(view, layers, grouping))
+
+
+def _make_group_index(view, layers: Layers, grouping) -> _GroupIndex:
     groups, group_of_value = grouping.groups, grouping.group_of_value
     position = {v: i for g in groups for i, v in enumerate(g.produced)}
     vdims, _ = batch_dims(view)
@@ -174,9 +177,7 @@ def _group_index(view, layers: Layers, grouping) -> _GroupIndex:
                 (n_reads, phase, layer, v, g.members[mi].mult if k >= 0 else mult, mult,
                  batch_free(view, v)))
             n_reads += 1
-    out = _GroupIndex({k: _weights(layers, ls) for k, ls in by_class.items()}, reads)
-    grouping.memo[key] = (layers, out)  # the layers are kept alive with their id
-    return out
+    return _GroupIndex({k: _weights(layers, ls) for k, ls in by_class.items()}, reads)
 
 
 def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
@@ -276,9 +277,8 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
             whole_over_dp[k] = not (dp_set & {a for d in (lay or ()) for a in d})
         return whole_over_dp[k]
 
-    lays = [layout(v) for v in held.values]
-    b = (held.nbytes / np.array([cut_into(lay) for lay in lays], dtype=float))[held.row]
-    free = np.array([dp_free(lay) for lay in lays], dtype=bool)[held.row]
+    b = per_device_all(held.values, held.nbytes)[held.row]
+    free = np.array([dp_free(layout(v)) for v in held.values], dtype=bool)[held.row]
     param = held.param[held.row]
     kept = ~np.array([v in in_place for v in held.values], dtype=bool)[held.row]
     layer = held.layer
@@ -289,9 +289,10 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
     _spread_all(layers, layer[free & ~param], b[free & ~param], opt_dp)
     if dp_axes:
         gathered = free & param
-        times = {x: comm.time("all-gather", x, tuple(dp_axes)) for x in set(b[gathered].tolist())}
-        _spread_all(layers, layer[gathered],
-                    np.array([times[x] for x in b[gathered].tolist()], dtype=float), gather)
+        sizes = b[gathered].tolist()
+        times = {x: comm.time("all-gather", x, tuple(dp_axes)) for x in set(sizes)}
+        _spread_all(layers, layer[gathered], np.array([times[x] for x in sizes], dtype=float),
+                    gather)
 
     # Activations: stored forward values read by the backward pass, by producing layer;
     # cut sizes from forward values read by later layers.
@@ -329,17 +330,17 @@ class _HeldState:
 
 def _held_state(view, layers: Layers) -> _HeldState:
     """The `_HeldState` of these layers, memoised on the view."""
-    key = ("held state", id(layers))
-    if key not in view.memo:
-        role_of = _input_roles(view)
-        values = list(layers.input_layers)
-        rows = [(i, l) for i, v in enumerate(values) for l in layers.input_layers[v]]
-        out = _HeldState(values, np.array([float(view.values[v].nbytes) for v in values]),
-                         np.array([role_of.get(v) == "param" for v in values], dtype=bool),
-                         np.array([r[0] for r in rows], dtype=np.int64),
-                         np.array([r[1] for r in rows], dtype=np.int64))
-        view.memo[key] = (layers, out)  # the layers are kept alive with their id
-    return view.memo[key][1]
+    return memo_of(view.memo, "held state", layers, lambda: _make_held_state(view, layers))
+
+
+def _make_held_state(view, layers: Layers) -> _HeldState:
+    role_of = _input_roles(view)
+    values = list(layers.input_layers)
+    rows = [(i, l) for i, v in enumerate(values) for l in layers.input_layers[v]]
+    return _HeldState(values, np.array([float(view.values[v].nbytes) for v in values]),
+                      np.array([role_of.get(v) == "param" for v in values], dtype=bool),
+                      np.array([r[0] for r in rows], dtype=np.int64),
+                      np.array([r[1] for r in rows], dtype=np.int64))
 
 
 def _input_roles(view) -> dict[int, str]:
@@ -394,9 +395,12 @@ class _ActivationIndex:
 
 
 def _activation_index(view, layers: Layers, live) -> _ActivationIndex:
-    key = ("activations", id(layers))
-    if key in view.memo:
-        return view.memo[key][1]
+    """The `_ActivationIndex` of these layers, memoised on the view (one liveness per view)."""
+    return memo_of(view.memo, "activations", layers,
+                   lambda: _make_activation_index(view, layers, live))
+
+
+def _make_activation_index(view, layers: Layers, live) -> _ActivationIndex:
     where = lambda op_id: (layers.op_pass.get(op_id, "step"), layers.op_layer.get(op_id, 0))
     made_by = {v: (op.id, k) for op in view.ops for k, v in enumerate(op.outputs)}
     stored = set(live.temps)
@@ -423,10 +427,8 @@ def _activation_index(view, layers: Layers, live) -> _ActivationIndex:
             forward.append((v, layer, 1, lo, last_reader.get(v, -1)))
     rebuilt = _rebuilt(view, {s[0] for s in saved}, where)
     saved = [s for s in saved if s[0] not in rebuilt]
-    out = _ActivationIndex(made_by, _Values.of(view, saved), _Values.of(view, forward),
-                           carries)
-    view.memo[key] = (layers, out)  # the layers are kept alive with their id
-    return out
+    return _ActivationIndex(made_by, _Values.of(view, saved), _Values.of(view, forward),
+                            carries)
 
 
 def _rebuilt(view, saved: set[int], where) -> set[int]:
