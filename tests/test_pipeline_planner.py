@@ -1,5 +1,6 @@
 """Pipeline planning: layers found in traced steps, stage splits, schedules, memory choices."""
 import dataclasses
+import functools
 import itertools
 import math
 
@@ -10,7 +11,9 @@ import meshplan as mp
 from meshplan.examples import make
 from meshplan.planner._layers import SPREAD, find_layers
 from meshplan.planner._ops import build_view
-from meshplan.planner._pipe import LayerCosts, Setting, evaluate_split, split
+from meshplan.planner._pipe import (LayerCosts, PipelineChoice, Setting, evaluate_split,
+                                    split)
+from meshplan.planner._search import _patience_count
 
 
 def _view(name, **kw):
@@ -224,7 +227,8 @@ def test_per_layer_recomputation_fills_the_memory_between_none_and_full():
 
 def test_the_stage_search_stops_after_stage_counts_that_only_got_slower():
     """With patience k, the search tries stage counts in increasing order and stops after k
-    in a row whose best fitting plan is no faster than the best before; None tries all."""
+    in a row whose best fitting plan is no faster than the best before and does not trade
+    speed for memory; None tries all."""
     ex = make("gpt", layers=16, abstract=True)
     cluster = mp.clusters.dgx_a100(nodes=16)  # stage counts 2, 4, 8, 16 (whole nodes)
 
@@ -232,11 +236,14 @@ def test_the_stage_search_stops_after_stage_counts_that_only_got_slower():
         said = []
         step = mp.auto_parallel(ex.train_step, cluster=cluster, stage_patience=patience)
         plan = step.plan(*ex.args, compare_baselines=False, progress=said.append)
-        best: dict[int, float] = {}  # stage count -> its fastest fitting plan, as reported
+        # stage count -> (ms, memory-bound) of its fastest fitting plan, as reported
+        best: dict[int, tuple[float, bool]] = {}
         for m in said:
-            if m.startswith("pp") and m.endswith(" ms"):
+            if m.startswith("pp") and " ms (" in m:
                 p = int(m.split()[0][2:])
-                best[p] = min(best.get(p, math.inf), float(m.split()[-2]))
+                ms = float(m.split(" ms (")[0].split()[-1])
+                bound = "remat=none" not in m or "ZeRO-3" in m
+                best[p] = min(best.get(p, (math.inf, False)), (ms, bound))
         counts = sorted({int(m.split()[0][2:]) for m in said
                          if m.startswith("pp") and "not tried" not in m})
         return counts, best, plan, said
@@ -245,16 +252,43 @@ def test_the_stage_search_stops_after_stage_counts_that_only_got_slower():
     assert every == [2, 4, 8, 16]
     tried, best, short, said = search(1)
     assert tried == every[:len(tried)]
-    # It stopped exactly after the first count no faster than all the counts before it.
+    # It stopped exactly after the first count no faster than all the counts before it
+    # (one that fits only by recomputing or by ZeRO-3 is passed over).
     fastest = math.inf
     for k, p in enumerate(tried):
-        slower = best.get(p, math.inf) >= fastest and p in best
+        ms, bound = best.get(p, (math.inf, True))
+        slower = ms >= fastest and not bound
         assert slower == (k == len(tried) - 1 and len(tried) < len(every)), (p, best)
-        fastest = min(fastest, best.get(p, math.inf))
+        fastest = min(fastest, ms)
     assert len(tried) < len(every) and any("not tried" in m for m in said)
     # This model's fastest pipeline is among the counts tried, so nothing was lost.
-    assert min(best_all.values()) == pytest.approx(min(best.values()))
+    assert min(best_all.values())[0] == pytest.approx(min(best.values())[0])
     assert short.cost.step_time == pytest.approx(full.cost.step_time)
     for bad in (0, True, 1.5):
         with pytest.raises(ValueError, match="stage_patience"):
             mp.auto_parallel(ex.train_step, stage_patience=bad)
+
+
+def _pipe_choice(step_time: float, remat: str = "none", zero: int = 1) -> PipelineChoice:
+    return PipelineChoice(stages=((0, 1),), microbatches=1, schedule="1f1b", virtual_stages=1,
+                          remat=remat, zero=zero, step_time=step_time, bubble=0.0, p2p=0.0,
+                          step_work=0.0, p2p_bytes=0.0, stage_memory=(0.0,),
+                          stage_time=(0.0,))
+
+
+def test_stage_counts_that_fit_only_by_trading_speed_for_memory_do_not_end_the_search():
+    """GPT 1T on 3072 GPUs: 2 stages fit only with ZeRO-3 (174 s a step), 3 and 4 stages
+    are slower still, and 32 stages without ZeRO-3 take 95 s. A slower stage count counts
+    toward the patience only if its best plan neither recomputes nor uses ZeRO-3."""
+    count = lambda runs: functools.reduce(lambda acc, pipe: _patience_count(*acc, pipe),
+                                          runs, (0, math.inf))
+    assert count([_pipe_choice(174.0, "layers", 3), _pipe_choice(182.0, "layers", 3),
+                  _pipe_choice(180.0, "none", 3)]) == (0, 174.0)
+    assert count([_pipe_choice(174.0, "layers", 3), _pipe_choice(182.0, "full", 1)]) \
+        == (0, 174.0)
+    # An unpressed slower count counts; nothing fitting (None) neither counts nor resets.
+    assert count([_pipe_choice(20.0), _pipe_choice(21.0), None, _pipe_choice(20.0)]) \
+        == (2, 20.0)
+    # A faster count, pressed or not, is the new best and starts the row again.
+    assert count([_pipe_choice(20.0), _pipe_choice(21.0), _pipe_choice(19.0, "layers", 3)]) \
+        == (0, 19.0)
