@@ -1,7 +1,8 @@
 """Planning time of an unrolled GPT train step vs depth (the issue's target: 24 layers, hidden
 1024, under 10 s on this machine; 96 layers at most twice as long as 24).
 
-Planned for one DGX A100 node (8 x 80 GB), from abstract arguments. Each depth runs in a fresh
+Planned for one DGX A100 node (8 x 80 GB) by default (`--cluster a100x4` or `h100x2` for
+plan_quality.py's other described clusters), from abstract arguments. Each depth runs in a fresh
 Python process, as a user plans one model per process (a second model planned in the same
 process is measured 30-50 % slower: JAX's caches keep the first one's traces alive).
 "total" is what a user waits for in `step.plan(*args)`, split into:
@@ -16,6 +17,7 @@ With --repeat N each depth runs N times and the median of each column is shown; 
 take turns (24, 96, 24, 96, ...), so a slow spell of this shared machine falls on both.
 
 Run: python benchmarks/planning_speed.py [--layers 24 48 96] [--repeat 3] [--time-limit 3]
+     [--cluster a100x1|a100x4|h100x2]
 """
 import argparse
 import json
@@ -25,18 +27,24 @@ import sys
 import time
 
 
-def one_run(layers: int, hidden: int, time_limit: float, devices: int) -> dict:
+CLUSTERS = {"a100x1": ("dgx_a100", 1), "a100x4": ("dgx_a100", 4), "h100x2": ("dgx_h100", 2)}
+
+
+def one_run(layers: int, hidden: int, time_limit: float, devices: int,
+            cluster: str = "a100x1") -> dict:
     """Trace and plan one depth in this process; the timings and the plan's solver facts."""
     import jax
     jax.config.update("jax_num_cpu_devices", devices)
     import meshplan as mp
     from meshplan.examples import make
+
+    preset, nodes = CLUSTERS[cluster]
     from meshplan.ir._util import paused_gc
 
     ex = make("gpt", layers=layers, hidden=hidden, heads=16, seq=512, batch=8, vocab=4096,
               abstract=True)
     step = mp.auto_parallel(ex.train_step, time_limit=time_limit,
-                            cluster=mp.clusters.dgx_a100(nodes=1))
+                            cluster=getattr(mp.clusters, preset)(nodes=nodes))
     t0 = time.perf_counter()
     with paused_gc():  # as ir.trace runs it
         jax.make_jaxpr(ex.train_step)(*ex.args)  # JAX's own tracing; step.trace reuses it
@@ -60,10 +68,13 @@ def main():
     ap.add_argument("--time-limit", type=float, default=3.0)
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--cluster", choices=sorted(CLUSTERS), default="a100x1",
+                    help="the described cluster planned for (plan_quality.py's names)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # one depth, in a fresh process; the parent reads the JSON line
-        print(json.dumps(one_run(args.layers[0], args.hidden, args.time_limit, args.devices)))
+        print(json.dumps(one_run(args.layers[0], args.hidden, args.time_limit, args.devices,
+                                 args.cluster)))
         return
 
     cols = ("jax", "graph", "plan", "ilp", "meshplan", "total")
@@ -76,7 +87,8 @@ def main():
             out = subprocess.run(
                 [sys.executable, __file__, "--child", "--layers", str(layers), "--hidden",
                  str(args.hidden), "--time-limit", str(args.time_limit), "--devices",
-                 str(args.devices)], capture_output=True, text=True, check=True)
+                 str(args.devices), "--cluster", args.cluster],
+                capture_output=True, text=True, check=True)
             runs[layers].append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows = []
     for layers in args.layers:
