@@ -77,19 +77,20 @@ def _loss(params, batch):
 
 def make_transformer_scan(batch: int = 8, seq: int = 32, hidden: int = 64, heads: int = 8,
                           layers: int = 4, vocab: int = 128, seed: int = 0,
-                          abstract: bool = False) -> Example:
+                          abstract: bool = False, tx=None) -> Example:
     """Build the scanned transformer and its AdamW train step.
 
     params: {"embed": [V, h], "pos_embed": [s, h], "layers": {"ln1"/"ln2": {"scale", "bias":
     [l, h]}, "attn": {"wq"/"wk"/"wv": [l, h, n, d], "bq"/"bv": [l, n, d], "wo": [l, n, d, h],
     "bo": [l, h]}, "mlp": {"w1": [l, h, 4h], "b1": [l, 4h], "w2": [l, 4h, h], "b2": [l, h]}},
     "final_norm": {"scale", "bias": [h]}, "head": [h, V]}; batch: {"tokens", "targets": int32
-    [batch, seq]}. With `abstract=True` every leaf is a `jax.ShapeDtypeStruct`.
+    [batch, seq]}. With `abstract=True` every leaf is a `jax.ShapeDtypeStruct`. `tx`: the
+    optax optimizer (default `optax.adamw(1e-3)`).
     """
     if hidden % heads:
         raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
     k_params, k_data = jax.random.split(jax.random.key(seed))
-    tx = optax.adamw(1e-3)
+    tx = tx or optax.adamw(1e-3)
 
     def init():
         """Parameters, optimizer state and a batch."""

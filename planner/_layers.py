@@ -219,10 +219,36 @@ def find_layers(view: PlanningView, pairs: dict[int, int] | None = None) -> Laye
         if len(found) == 1:
             op_layer[op.id] = found.pop()
         else:
-            src = [op_layer.get(ops[producer[u]].id) for u in op.inputs if u in producer]
-            src = [s for s in src if s is not None]
-            op_layer[op.id] = src[0] if src else 0
+            # Reading no weight: the layer that made its largest operand. A scalar operand
+            # (a gradient-clipping factor, a scheduled learning rate) is made once for all
+            # layers and says nothing of where the op runs; ties keep the operand order.
+            src = sorted((u for u in op.inputs if u in producer
+                          and op_layer.get(ops[producer[u]].id) is not None),
+                         key=lambda u: -view.values[u].nbytes)
+            op_layer[op.id] = op_layer[ops[producer[src[0]]].id] if src else 0
+    _constants_where_read(ops, producer, op_pass, op_layer)
     return Layers(num_blocks, scanned, op_layer, op_pass, input_layers)
+
+
+def _constants_where_read(ops, producer, op_pass, op_layer) -> None:
+    """Once-per-step ops computed from constants only (optax's squared norm adds the square
+    of a real array's zero imaginary part) run in the layer of their first reader: made in
+    layer 0, a weight-sized array of zeros would be sent to every stage."""
+    constant: set[int] = set()  # op ids
+    for op in ops:
+        if op_pass.get(op.id) == "step" and op.kind != "input" and all(
+                u not in producer or ops[producer[u]].id in constant for u in op.inputs):
+            constant.add(op.id)
+    readers: dict[int, list[int]] = {}
+    for op in ops:
+        for u in op.inputs:
+            readers.setdefault(u, []).append(op.id)
+    for op in reversed(ops):  # readers first, so a chain of such ops moves together
+        if op.id in constant:
+            read = [op_layer[r] for v in op.outputs for r in readers.get(v, ())
+                    if r in op_layer]
+            if read:
+                op_layer[op.id] = read[0]
 
 
 def _suffix(path: str) -> str:

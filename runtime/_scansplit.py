@@ -17,9 +17,13 @@ scans cut at the stage boundaries:
 
 The optimizer's update of the stacked weights is elementwise (Adam, SGD, their decays and
 schedules), so each stage updates its own rows, and the updated stacked weights are
-assembled from the stages' rows once per step. An update op that is not elementwise (a
-norm over all layers, for clipping) reads the whole stack, joined on the stage of the
-first block. Every piece runs the scan's own body, so results equal the uncut scan.
+assembled from the stages' rows once per step. A sum, max or min of a stacked array (a
+gradient norm over all layers, for clipping) runs on each stage's rows too: a reduction
+that keeps the row dimension gives rows; one over it gives a partial result per stage,
+combined (added, or the larger / smaller taken) on the stage of the first block, so only
+the reduced values move. Any other update op reads the whole stack, joined on the stage
+of the first block. Every piece runs the scan's own body, so results equal the uncut scan
+(a sum's partial results are added in another order: equal up to rounding).
 
 >>> ranges = block_ranges([(0, 2), (2, 4), (4, 6)], num_blocks=4)  # pre+1 block, 2, 1+post
 >>> ranges
@@ -31,11 +35,15 @@ import dataclasses
 import itertools
 
 import jax
+import jax.numpy as jnp
 
 from meshplan.ir import Graph, Node, Value
 from meshplan.ir._dims import ELEMENTWISE
 
 __all__ = ["SplitStep", "block_ranges", "split_block_scans"]
+
+# A reduction over the stacked rows, cut per stage: how the stages' partial results combine.
+_COMBINE = {"reduce_sum": jnp.add, "reduce_max": jnp.maximum, "reduce_min": jnp.minimum}
 
 SPREAD = -1  # planner._layers.SPREAD: a label spread over every block of the scan
 
@@ -108,6 +116,7 @@ class _Splitter:
         self.cut = {n.id for n in graph.nodes if n.id in scan_pass and
                     n.eqn.params["length"] == length}
         self.rowwise = {n.id for n in graph.nodes if self._rowwise(n, length)}
+        self.reductions = {n.id for n in graph.nodes if self._stacked_reduction(n, length)}
         self.output_pieces: dict[int, tuple[int, ...]] = {}
 
     def run(self) -> SplitStep:
@@ -116,6 +125,8 @@ class _Splitter:
                 self._split(node)
             elif node.id in self.rowwise:
                 self._split_rowwise(node)
+            elif node.id in self.reductions:
+                self._split_reduction(node)
             else:
                 self.nodes.append(node)
         labels = {k: (kind, self.first_layer if layer == SPREAD else layer)
@@ -135,6 +146,15 @@ class _Splitter:
         (shape,) = shapes
         return bool(shape) and shape[0] == length and all(
             self.values[v].shape in ((), shape) for v in node.inputs)
+
+    def _stacked_reduction(self, node: Node, length: int) -> bool:
+        """A sum / max / min of one stacked array in the update (a gradient norm): it runs
+        on each stage's rows."""
+        if self.labels.get(node.id) != ("step", SPREAD) or node.primitive not in _COMBINE:
+            return False
+        (x,) = node.inputs
+        shape = self.values[x].shape
+        return bool(shape) and shape[0] == length
 
     # ------------------------------------------------------------------ pieces
 
@@ -188,6 +208,37 @@ class _Splitter:
             self.pieces[y] = tuple(outs[y])
             self._join(y, "step")
 
+    def _split_reduction(self, node: Node) -> None:
+        """The reduction on each stage's rows: rows of the result if the row dimension is
+        kept, else a partial result per stage, combined on the stage of the first block."""
+        (x,), (y,) = node.inputs, node.outputs
+        over_rows = 0 in node.eqn.params["axes"]
+        parts = []
+        for k, (a, b) in enumerate(self.ranges):
+            layer = a + 1
+            part = self._new(y, None if over_rows else b - a)
+            share = (b - a) / self.ranges[-1][1]
+            # The same equation: a reduction's parameters (its axes) hold for any rows.
+            self._emit(Node(next(self._ids), node.primitive, (self._piece(x, k, "step", layer),),
+                            (part,), node.flops * share, node.bytes_accessed * share, None,
+                            node.eqn), ("step", layer))
+            parts.append(part)
+        if not over_rows:
+            self.pieces[y] = tuple(parts)
+            self._join(y, "step")
+            return
+        combine = _COMBINE[node.primitive]
+        acc = parts[0]
+        for k, part in enumerate(parts[1:], 1):  # in stage order, on the first block's stage
+            out = y if k == len(parts) - 1 else self._new(y, None)
+            eqn = _eqn(combine, self.values[acc], self.values[part])
+            self._emit(Node(next(self._ids), eqn.primitive.name, (acc, part), (out,), 0.0,
+                            0.0, None, eqn), ("step", self.first_layer))
+            acc = out
+        if len(parts) == 1:  # one stage holds every block: its result is the whole one
+            self.nodes[-1] = dataclasses.replace(self.nodes[-1], outputs=(y,))
+            self.labels[self.nodes[-1].id] = ("step", self.first_layer)
+
     def _piece(self, x: int, k: int, kind: str, layer: int) -> int:
         """Stacked value x's slice for range k: a piece already made, or a new slice."""
         if x in self.pieces:
@@ -213,7 +264,7 @@ class _Splitter:
         """Stacked output y, whole again where something other than a cut scan reads it
         (as a stacked input, a cut scan reads its pieces)."""
         readers = [n for n in self.readers.get(y, ()) if not self._reads_as_xs(n, y)
-                   and n.id not in self.rowwise]
+                   and n.id not in self.rowwise and n.id not in self.reductions]
         if not readers and y not in self.g.outputs:
             return
         if not readers and kind == "step":

@@ -4,6 +4,7 @@ import functools
 import itertools
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -292,3 +293,26 @@ def test_stage_counts_that_fit_only_by_trading_speed_for_memory_do_not_end_the_s
     # A faster count, pressed or not, is the new best and starts the row again.
     assert count([_pipe_choice(20.0), _pipe_choice(21.0), _pipe_choice(19.0, "layers", 3)]) \
         == (0, 19.0)
+
+
+def test_update_ops_run_in_the_layer_of_their_weight_when_the_gradient_is_clipped():
+    """With optax.clip_by_global_norm, a block's gradient is scaled by a scalar made from
+    every layer (and optax adds the squares of zero imaginary parts): each update op whose
+    result has a block weight's shape still belongs to a block, never to the embedding's
+    layer 0 (its stage would compute it and send it on)."""
+    import optax
+
+    tx = optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(0.1))
+    ex = make("gpt", layers=4, tx=tx)
+    t = mp.auto_parallel(ex.train_step).trace(*ex.args)
+    view = build_view(t.graph, t.pairs)
+    layers = find_layers(view, t.pairs)
+    # The weight matrices' shapes (a vector's gradient, such as the first LayerNorm's
+    # bias, can be summed in layer 0's backward pass).
+    block_shapes = {np.shape(x) for x in jax.tree.leaves(ex.args[0]["blocks"][0])
+                    if np.ndim(x) >= 2}
+    block_shapes -= {np.shape(x) for x in jax.tree.leaves({k: v for k, v in ex.args[0].items()
+                                                           if k != "blocks"})}
+    where = [layers.op_layer[op.id] for op in view.ops if layers.op_pass.get(op.id) == "step"
+             and any(view.values[v].shape in block_shapes for v in op.outputs)]
+    assert where and all(1 <= l <= 4 for l in where), sorted(set(where))
