@@ -1,11 +1,11 @@
 """Pipeline memory: does the per-stage memory model predict what the pipelined runtime holds?
 
 For pipelined plans of the example models on 8 CPU-emulated devices (unrolled and scanned
-GPTs, the lax.scan transformer; GPipe, 1F1B and interleaved 1F1B; with and without tensor
-and data parallelism and recomputation; sequence 32, and 128 where attention scores
-dominate), this runs one step under the plan and compares the
-planner's predicted peak bytes per device of each stage (`plan.cost.memory`) with what the
-executor measured: at every program it runs, the arrays the step holds on each device
+GPTs, the lax.scan transformer, once with its gradient clipped by the global norm; GPipe,
+1F1B and interleaved 1F1B; with and without tensor and data parallelism and recomputation;
+sequence 32, and 128 where attention scores dominate), this runs one step under the plan
+and compares the planner's predicted peak bytes per device of each stage
+(`plan.cost.memory`) with what the executor measured: at every program it runs, the arrays the step holds on each device
 (state, in-flight microbatches' values, accumulated gradients) plus XLA's temporaries of
 that program (`memory_analysis`), the most at any time (`step.memory_peaks`).
 
@@ -39,16 +39,23 @@ CASES = {  # name -> (example, pp, schedule, tp, remat, sequence, microbatches);
     "transformer_scan-pp2-gpipe-tp2-remat": ("transformer_scan", 2, "gpipe", 2, "full", 32, 4),
     "transformer_scan-pp2-interleaved-tp2": ("transformer_scan", 2, "interleaved", 2, "none",
                                              32, 4),
+    # AdamW after optax.clip_by_global_norm: the norm sums every stacked gradient
+    "transformer_scan+clip-pp2-gpipe-tp2": ("transformer_scan+clip", 2, "gpipe", 2, "none",
+                                            32, 4),
 }
 
 
 def run(name: str, time_limit: float) -> dict:
+    import optax
+
     import meshplan as mp
     from meshplan.examples import make
 
     model, pp, schedule, tp, remat, seq, m = CASES[name]
     t0 = time.perf_counter()
-    ex = make(model, layers=4, seq=seq)
+    model, _, clip = model.partition("+clip")
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)) if clip else None
+    ex = make(model, layers=4, seq=seq, tx=tx)
     step = mp.auto_parallel(ex.train_step, time_limit=time_limit)
     c = mp.Constraints(pp=pp, num_microbatches=m, schedule=schedule, tp=tp, remat=remat,
                        virtual_stages=2 if schedule == "interleaved" else None)
