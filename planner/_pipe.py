@@ -56,8 +56,8 @@ class LayerCosts:
       saved: bytes of forward activations the backward pass reads (whole batch).
       inputs: bytes of the activations entering the layer (whole batch): all a layer keeps
         under full recomputation.
-      working: bytes of the layer's largest stored value (whole batch; a value fused
-        into its readers is never allocated), a stand-in for the transient buffers of one op.
+      working: bytes of the layer's largest value (whole batch), a stand-in for the
+        transient buffers of one op.
       weights_dp, opt_state_dp: the part of weights / optimizer state not yet split over
         the data-parallel axes (what ZeRO would split).
       gather: seconds to all-gather the layer's weights over the data-parallel axes once.
@@ -300,10 +300,7 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
     _spread_all(layers, sv.layer, per_device_all(sv.values, sv.nbytes) * sv.copies, saved)
     fv = index.forward
     b = per_device_all(fv.values, fv.nbytes)
-    # A value XLA fuses into its reader is never allocated (e.g. a causal mask broadcast to
-    # [batch, heads, s, s]): only the values the liveness model stores take working room.
-    kept = index.forward_stored
-    _spread_max_all(layers, fv.layer[kept], b[kept], working)
+    _spread_max_all(layers, fv.layer, b, working)
     crosses = fv.last > fv.first  # read by a later layer: crosses every cut between them
     cut = np.zeros(n + 1)
     np.add.at(cut, fv.first[crosses], b[crosses])
@@ -394,7 +391,6 @@ class _ActivationIndex:
     made_by: dict[int, tuple[int, int]]  # value -> (op id, output position)
     saved: _Values  # stored forward values read by the backward pass
     forward: _Values  # every forward value, with the last layer that reads it
-    forward_stored: np.ndarray  # per forward value: stored (else fused into its readers)
     carries: list[int]  # a scan's forward carries (the activations between its blocks)
 
 
@@ -432,7 +428,7 @@ def _make_activation_index(view, layers: Layers, live) -> _ActivationIndex:
     rebuilt = _rebuilt(view, {s[0] for s in saved}, where)
     saved = [s for s in saved if s[0] not in rebuilt]
     return _ActivationIndex(made_by, _Values.of(view, saved), _Values.of(view, forward),
-                            np.array([f[0] in stored for f in forward], dtype=bool), carries)
+                            carries)
 
 
 def _rebuilt(view, saved: set[int], where) -> set[int]:
