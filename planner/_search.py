@@ -454,8 +454,10 @@ def _patience_count(slower: int, best_time: float, here: PipelineChoice | None
 def _memory_bound(pipe: PipelineChoice) -> bool:
     """Whether a pipeline trades speed for memory (recomputation, ZeRO-3 weight gathers):
     more stages relieve that, so such a stage count being slower is no sign that more
-    stages are (GPT 1T on 3072 GPUs: 2 stages fit with ZeRO-3 in 174 s a step, 3 and 4
-    are slower still, 32 stages without ZeRO-3 take 97 s)."""
+    stages are. GPT 1T on 3072 GPUs: up to 24 stages fit only with ZeRO-3 (243-442 s a
+    step), 32 stages with ZeRO-1 take 97 s; with a slightly smaller activation estimate
+    (tried, reverted) 2 stages fit with ZeRO-3 in 174 s, 3 and 4 were slower, and the
+    search had stopped there."""
     return pipe.remat != "none" or pipe.zero >= 3
 
 
