@@ -84,7 +84,7 @@ class GPT(nnx.Module):
 def make_gpt(batch: int = 8, seq: int = 32, hidden: int = 64, heads: int = 8, layers: int = 2,
              vocab: int = 128, seed: int = 0, scan: bool = False,
              abstract: bool = False, dtype: str | None = None, tx=None) -> Example:
-    """Build the nnx GPT and its pure AdamW train step.
+    """Build the nnx GPT and its pure train step (AdamW unless `tx` is given).
 
     params (a nested dict of arrays): {"tok": {"embedding": [V, h]}, "pos": {"embedding":
     [s, h]}, "blocks": {i: block, ...} unrolled or one block with a leading [l] dim when
@@ -93,13 +93,13 @@ def make_gpt(batch: int = 8, seq: int = 32, hidden: int = 64, heads: int = 8, la
     [h, 4h], "bias": [4h]}, "fc2": {"kernel": [4h, h], "bias": [h]}}. batch: {"tokens",
     "targets": int32 [batch, seq]}. With `abstract=True` every leaf is a `jax.ShapeDtypeStruct`.
     `dtype="bfloat16"` computes in bfloat16 with float32 weights and Adam state (mixed
-    precision: 16 bytes of model state per parameter, as Megatron-LM counts it). `tx`: the
-    optax optimizer (default `optax.adamw(1e-3)`).
+    precision: with AdamW, 16 bytes of model state per parameter, as Megatron-LM counts it).
+    `tx`: the optax optimizer (default `optax.adamw(1e-3)`).
     """
     if hidden % heads:
         raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
     k_params, k_data = jax.random.split(jax.random.key(seed))
-    tx = tx or optax.adamw(1e-3)
+    tx = optax.adamw(1e-3) if tx is None else tx
 
     def new_model():
         """A freshly initialised model."""

@@ -78,7 +78,7 @@ def _loss(params, batch):
 def make_transformer_scan(batch: int = 8, seq: int = 32, hidden: int = 64, heads: int = 8,
                           layers: int = 4, vocab: int = 128, seed: int = 0,
                           abstract: bool = False, tx=None) -> Example:
-    """Build the scanned transformer and its AdamW train step.
+    """Build the scanned transformer and its train step (AdamW unless `tx` is given).
 
     params: {"embed": [V, h], "pos_embed": [s, h], "layers": {"ln1"/"ln2": {"scale", "bias":
     [l, h]}, "attn": {"wq"/"wk"/"wv": [l, h, n, d], "bq"/"bv": [l, n, d], "wo": [l, n, d, h],
@@ -90,7 +90,7 @@ def make_transformer_scan(batch: int = 8, seq: int = 32, hidden: int = 64, heads
     if hidden % heads:
         raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
     k_params, k_data = jax.random.split(jax.random.key(seed))
-    tx = tx or optax.adamw(1e-3)
+    tx = optax.adamw(1e-3) if tx is None else tx
 
     def init():
         """Parameters, optimizer state and a batch."""

@@ -418,8 +418,8 @@ def auto_parallel(fn: Callable | None = None, **kwargs):
     memory_limit (bytes per device), constraints (`Constraints`), plan (a saved `Plan` to
     apply without solving), roles (role per argument: "param", "opt_state", "data"),
     time_limit (seconds per ILP solve), stage_patience (pipelines: stop adding stages after
-    this many stage counts in a row no faster than the best, passing over counts that fit
-    only by recomputing or by ZeRO-3; None tries every count).
+    this many stage counts in a row no faster than the best, passing over counts whose
+    best plan recomputes or uses ZeRO-3 unpinned; None tries every count).
 
     Example:
         >>> import meshplan as mp

@@ -211,8 +211,9 @@ def find_layers(view: PlanningView, pairs: dict[int, int] | None = None) -> Laye
             input_layers[v] = tuple(dict.fromkeys(held))
 
     # The optimizer update of a weight belongs to the layer holding the weight.
+    constant = _constant_ops(ops, producer, op_pass)
     for op in ops:
-        if op_pass.get(op.id) != "step":
+        if op_pass.get(op.id) != "step" or op.id in constant:
             continue
         found = {input_layers[v][-1] for v in op.inputs if v in input_layers}
         found |= {label[v] for v in op.inputs if v in label}
@@ -221,34 +222,40 @@ def find_layers(view: PlanningView, pairs: dict[int, int] | None = None) -> Laye
         else:
             # Reading no weight: the layer that made its largest operand. A scalar operand
             # (a gradient-clipping factor, a scheduled learning rate) is made once for all
-            # layers and says nothing of where the op runs; ties keep the operand order.
-            src = sorted((u for u in op.inputs if u in producer
-                          and op_layer.get(ops[producer[u]].id) is not None),
+            # layers and says nothing of where the op runs, nor does a constant (labelled
+            # below, by its readers); ties keep the operand order.
+            made = [u for u in op.inputs if u in producer
+                    and op_layer.get(ops[producer[u]].id) is not None]
+            src = sorted([u for u in made if ops[producer[u]].id not in constant] or made,
                          key=lambda u: -view.values[u].nbytes)
             op_layer[op.id] = op_layer[ops[producer[src[0]]].id] if src else 0
-    _constants_where_read(ops, producer, op_pass, op_layer)
+    _constants_where_read(ops, constant, op_layer)
     return Layers(num_blocks, scanned, op_layer, op_pass, input_layers)
 
 
-def _constants_where_read(ops, producer, op_pass, op_layer) -> None:
-    """Once-per-step ops computed from constants only (optax's squared norm adds the square
-    of a real array's zero imaginary part) run in the layer of their first reader: made in
-    layer 0, a weight-sized array of zeros would be sent to every stage."""
-    constant: set[int] = set()  # op ids
+def _constant_ops(ops, producer, op_pass) -> set[int]:
+    """Ids of once-per-step ops computed from constants only (optax's squared norm adds the
+    square of a real array's zero imaginary part)."""
+    constant: set[int] = set()
     for op in ops:
         if op_pass.get(op.id) == "step" and op.kind != "input" and all(
                 u not in producer or ops[producer[u]].id in constant for u in op.inputs):
             constant.add(op.id)
+    return constant
+
+
+def _constants_where_read(ops, constant: set[int], op_layer) -> None:
+    """A constant op runs in the layer of its readers when they all run in one (made in
+    layer 0, a weight-sized array of zeros would be sent to that layer's stage); else in
+    layer 0."""
     readers: dict[int, list[int]] = {}
     for op in ops:
         for u in op.inputs:
             readers.setdefault(u, []).append(op.id)
     for op in reversed(ops):  # readers first, so a chain of such ops moves together
         if op.id in constant:
-            read = [op_layer[r] for v in op.outputs for r in readers.get(v, ())
-                    if r in op_layer]
-            if read:
-                op_layer[op.id] = read[0]
+            read = {op_layer.get(r, 0) for v in op.outputs for r in readers.get(v, ())}
+            op_layer[op.id] = read.pop() if len(read) == 1 else 0
 
 
 def _suffix(path: str) -> str:

@@ -58,9 +58,9 @@ class SearchOptions:
       stage_patience: pipelines are tried with more and more stages; the search stops
         after this many stage counts in a row whose best plan is no faster than the best
         found so far (None: every stage count is tried). Passed over, neither counted nor
-        breaking the row: stage counts where nothing fits, and those whose best plan only
-        fits by trading speed for memory (recomputation or ZeRO-3), as more stages relieve
-        memory. Past the fewest stages that fit, more stages mostly add bubble and
+        breaking the row: stage counts where nothing fits, and those whose best plan
+        trades speed for memory (recomputation or ZeRO-3, unless pinned by the
+        constraints), as more stages relieve memory. Past the fewest stages that fit, more stages mostly add bubble and
         transfers (Narayanan et al., SC 2021, takeaway 2: model-parallel size just large
         enough to fit), and each stage count costs an ILP per stage mesh.
     """
@@ -436,29 +436,30 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
             dropped |= {t for t, x in at_p.items() if x > _TP_PRUNE_MARGIN * best}
         here = min((s.pipeline for _, s in runs[tried:]), key=lambda x: x.step_time,
                    default=None)
-        slower, best_time = _patience_count(slower, best_time, here)
+        slower, best_time = _patience_count(slower, best_time, here, c)
     return runs
 
 
-def _patience_count(slower: int, best_time: float, here: PipelineChoice | None
-                    ) -> tuple[int, float]:
+def _patience_count(slower: int, best_time: float, here: PipelineChoice | None,
+                    c: Constraints) -> tuple[int, float]:
     """(stage counts in a row no faster than the best, the best step time) after a stage
     count whose fastest pipeline is `here` (None: nothing fit, passed over)."""
     if here is None:
         return slower, best_time
     if here.step_time < best_time:
         return 0, here.step_time
-    return (slower if _memory_bound(here) else slower + 1), best_time
+    return (slower if _memory_bound(here, c) else slower + 1), best_time
 
 
-def _memory_bound(pipe: PipelineChoice) -> bool:
+def _memory_bound(pipe: PipelineChoice, c: Constraints) -> bool:
     """Whether a pipeline trades speed for memory (recomputation, ZeRO-3 weight gathers):
     more stages relieve that, so such a stage count being slower is no sign that more
     stages are. GPT 1T on 3072 GPUs: up to 24 stages fit only with ZeRO-3 (243-442 s a
     step), 32 stages with ZeRO-1 take 97 s; with a slightly smaller activation estimate
     (tried, reverted) 2 stages fit with ZeRO-3 in 174 s, 3 and 4 were slower, and the
-    search had stopped there."""
-    return pipe.remat != "none" or pipe.zero >= 3
+    search had stopped there. A setting pinned by the constraints was not chosen for
+    memory, and does not count."""
+    return (c.remat is None and pipe.remat != "none") or (c.zero is None and pipe.zero >= 3)
 
 
 def _stage_pipeline(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions,

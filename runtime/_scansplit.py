@@ -21,7 +21,8 @@ assembled from the stages' rows once per step. A sum, max or min of a stacked ar
 gradient norm over all layers, for clipping) runs on each stage's rows too: a reduction
 that keeps the row dimension gives rows; one over it gives a partial result per stage,
 combined (added, or the larger / smaller taken) on the stage of the first block, so only
-the reduced values move. Any other update op reads the whole stack, joined on the stage
+the reduced values move; a scalar broadcast to the stacked shape (optax's zero imaginary
+parts) is made by each stage for its rows. Any other update op reads the whole stack, joined on the stage
 of the first block. Every piece runs the scan's own body, so results equal the uncut scan
 (a sum's partial results are added in another order: equal up to rounding).
 
@@ -35,7 +36,6 @@ import dataclasses
 import itertools
 
 import jax
-import jax.numpy as jnp
 
 from meshplan.ir import Graph, Node, Value
 from meshplan.ir._dims import ELEMENTWISE
@@ -43,7 +43,7 @@ from meshplan.ir._dims import ELEMENTWISE
 __all__ = ["SplitStep", "block_ranges", "split_block_scans"]
 
 # A reduction over the stacked rows, cut per stage: how the stages' partial results combine.
-_COMBINE = {"reduce_sum": jnp.add, "reduce_max": jnp.maximum, "reduce_min": jnp.minimum}
+_COMBINE = {"reduce_sum": jax.lax.add, "reduce_max": jax.lax.max, "reduce_min": jax.lax.min}
 
 SPREAD = -1  # planner._layers.SPREAD: a label spread over every block of the scan
 
@@ -117,6 +117,7 @@ class _Splitter:
                     n.eqn.params["length"] == length}
         self.rowwise = {n.id for n in graph.nodes if self._rowwise(n, length)}
         self.reductions = {n.id for n in graph.nodes if self._stacked_reduction(n, length)}
+        self.fills = {n.id for n in graph.nodes if self._stacked_fill(n, length)}
         self.output_pieces: dict[int, tuple[int, ...]] = {}
 
     def run(self) -> SplitStep:
@@ -127,6 +128,8 @@ class _Splitter:
                 self._split_rowwise(node)
             elif node.id in self.reductions:
                 self._split_reduction(node)
+            elif node.id in self.fills:
+                self._split_fill(node)
             else:
                 self.nodes.append(node)
         labels = {k: (kind, self.first_layer if layer == SPREAD else layer)
@@ -155,6 +158,15 @@ class _Splitter:
         (x,) = node.inputs
         shape = self.values[x].shape
         return bool(shape) and shape[0] == length
+
+    def _stacked_fill(self, node: Node, length: int) -> bool:
+        """A scalar broadcast to the stacked shape in the update (optax's zero imaginary
+        part of each gradient): each stage makes its own rows."""
+        if self.labels.get(node.id) != ("step", SPREAD) or node.primitive != "broadcast_in_dim":
+            return False
+        (x,), (y,) = node.inputs, node.outputs
+        shape = self.values[y].shape
+        return self.values[x].shape == () and bool(shape) and shape[0] == length
 
     # ------------------------------------------------------------------ pieces
 
@@ -213,16 +225,19 @@ class _Splitter:
         kept, else a partial result per stage, combined on the stage of the first block."""
         (x,), (y,) = node.inputs, node.outputs
         over_rows = 0 in node.eqn.params["axes"]
+        whole = over_rows and len(self.ranges) == 1  # one stage holds every block
         parts = []
         for k, (a, b) in enumerate(self.ranges):
             layer = a + 1
-            part = self._new(y, None if over_rows else b - a)
+            part = y if whole else self._new(y, None if over_rows else b - a)
             share = (b - a) / self.ranges[-1][1]
             # The same equation: a reduction's parameters (its axes) hold for any rows.
             self._emit(Node(next(self._ids), node.primitive, (self._piece(x, k, "step", layer),),
                             (part,), node.flops * share, node.bytes_accessed * share, None,
                             node.eqn), ("step", layer))
             parts.append(part)
+        if whole:
+            return
         if not over_rows:
             self.pieces[y] = tuple(parts)
             self._join(y, "step")
@@ -235,9 +250,20 @@ class _Splitter:
             self._emit(Node(next(self._ids), eqn.primitive.name, (acc, part), (out,), 0.0,
                             0.0, None, eqn), ("step", self.first_layer))
             acc = out
-        if len(parts) == 1:  # one stage holds every block: its result is the whole one
-            self.nodes[-1] = dataclasses.replace(self.nodes[-1], outputs=(y,))
-            self.labels[self.nodes[-1].id] = ("step", self.first_layer)
+
+    def _split_fill(self, node: Node) -> None:
+        """The broadcast once per stage, to that stage's rows."""
+        (x,), (y,) = node.inputs, node.outputs
+        shape, parts = self.values[y].shape, []
+        for a, b in self.ranges:
+            part = self._new(y, b - a)
+            eqn = _eqn(lambda c: jax.lax.broadcast_in_dim(c, (b - a,) + shape[1:], ()),
+                       self.values[x])
+            self._emit(Node(next(self._ids), node.primitive, (x,), (part,), 0.0, 0.0, None,
+                            eqn), ("step", a + 1))
+            parts.append(part)
+        self.pieces[y] = tuple(parts)
+        self._join(y, "step")
 
     def _piece(self, x: int, k: int, kind: str, layer: int) -> int:
         """Stacked value x's slice for range k: a piece already made, or a new slice."""

@@ -282,8 +282,8 @@ def test_stage_counts_that_fit_only_by_trading_speed_for_memory_do_not_end_the_s
     recomputes nor uses ZeRO-3 (the counts below: GPT 1T on 3072 GPUs under a slightly
     smaller activation estimate, where 2 stages fit only with ZeRO-3, 3 and 4 were slower
     still, and 32 stages without ZeRO-3 took 95 s)."""
-    count = lambda runs: functools.reduce(lambda acc, pipe: _patience_count(*acc, pipe),
-                                          runs, (0, math.inf))
+    count = lambda runs, c=mp.Constraints(): functools.reduce(
+        lambda acc, pipe: _patience_count(*acc, pipe, c), runs, (0, math.inf))
     assert count([_pipe_choice(174.0, "layers", 3), _pipe_choice(182.0, "layers", 3),
                   _pipe_choice(180.0, "none", 3)]) == (0, 174.0)
     assert count([_pipe_choice(174.0, "layers", 3), _pipe_choice(182.0, "full", 1)]) \
@@ -291,6 +291,13 @@ def test_stage_counts_that_fit_only_by_trading_speed_for_memory_do_not_end_the_s
     # An unpressed slower count counts; nothing fitting (None) neither counts nor resets.
     assert count([_pipe_choice(20.0), _pipe_choice(21.0), None, _pipe_choice(20.0)]) \
         == (2, 20.0)
+    # Recomputation or ZeRO-3 pinned by the constraints was not chosen for memory: counts.
+    assert count([_pipe_choice(174.0, "full", 3), _pipe_choice(182.0, "full", 3)],
+                 mp.Constraints(remat="full", zero=3)) == (1, 174.0)
+    assert count([_pipe_choice(174.0, "full", 1), _pipe_choice(182.0, "full", 1)],
+                 mp.Constraints(remat="full")) == (1, 174.0)
+    assert count([_pipe_choice(174.0, "full", 3), _pipe_choice(182.0, "full", 3)],
+                 mp.Constraints(remat="full")) == (0, 174.0)  # ZeRO-3 chosen: passed over
     # A faster count, pressed or not, is the new best and starts the row again.
     assert count([_pipe_choice(20.0), _pipe_choice(21.0), _pipe_choice(19.0, "layers", 3)]) \
         == (0, 19.0)
