@@ -60,9 +60,10 @@ class SearchOptions:
         found so far (None: every stage count is tried). Passed over, neither counted nor
         breaking the row: stage counts where nothing fits, and those whose best plan
         trades speed for memory (recomputation or ZeRO-3, unless pinned by the
-        constraints), as more stages relieve memory. Past the fewest stages that fit, more stages mostly add bubble and
-        transfers (Narayanan et al., SC 2021, takeaway 2: model-parallel size just large
-        enough to fit), and each stage count costs an ILP per stage mesh.
+        constraints), as more stages relieve memory. Past the fewest stages that fit,
+        more stages mostly add bubble and transfers (Narayanan et al., SC 2021, takeaway
+        2: model-parallel size just large enough to fit), and each stage count costs an
+        ILP per stage mesh.
     """
 
     memory_limit: float | None = None

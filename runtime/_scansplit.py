@@ -22,9 +22,10 @@ gradient norm over all layers, for clipping) runs on each stage's rows too: a re
 that keeps the row dimension gives rows; one over it gives a partial result per stage,
 combined (added, or the larger / smaller taken) on the stage of the first block, so only
 the reduced values move; a scalar broadcast to the stacked shape (optax's zero imaginary
-parts) is made by each stage for its rows. Any other update op reads the whole stack, joined on the stage
-of the first block. Every piece runs the scan's own body, so results equal the uncut scan
-(a sum's partial results are added in another order: equal up to rounding).
+parts) is made by each stage for its rows. Any other update op reads the whole stack,
+joined on the stage of the first block. Every piece runs the scan's own body, so results
+equal the uncut scan (a sum's partial results are added in another order: equal up to
+rounding).
 
 >>> ranges = block_ranges([(0, 2), (2, 4), (4, 6)], num_blocks=4)  # pre+1 block, 2, 1+post
 >>> ranges
@@ -138,10 +139,15 @@ class _Splitter:
         graph = dataclasses.replace(self.g, values=self.values, nodes=self.nodes)
         return SplitStep(graph, labels, self.origin, self.input_slices, self.output_pieces)
 
+    def _stack_update(self, node: Node) -> bool:
+        """Whether the node is part of the stacked weights' update (once per step, spread
+        over every block)."""
+        return self.labels.get(node.id) == ("step", SPREAD)
+
     def _rowwise(self, node: Node, length: int) -> bool:
         """An update op of the stacked weights that works row by row (elementwise on
         arrays of the stacked shape, with scalars): it runs on each stage's rows."""
-        if self.labels.get(node.id) != ("step", SPREAD) or node.primitive not in ELEMENTWISE:
+        if not self._stack_update(node) or node.primitive not in ELEMENTWISE:
             return False
         shapes = {self.values[v].shape for v in node.outputs}
         if len(shapes) != 1:
@@ -153,7 +159,7 @@ class _Splitter:
     def _stacked_reduction(self, node: Node, length: int) -> bool:
         """A sum / max / min of one stacked array in the update (a gradient norm): it runs
         on each stage's rows."""
-        if self.labels.get(node.id) != ("step", SPREAD) or node.primitive not in _COMBINE:
+        if not self._stack_update(node) or node.primitive not in _COMBINE:
             return False
         (x,) = node.inputs
         shape = self.values[x].shape
@@ -162,7 +168,7 @@ class _Splitter:
     def _stacked_fill(self, node: Node, length: int) -> bool:
         """A scalar broadcast to the stacked shape in the update (optax's zero imaginary
         part of each gradient): each stage makes its own rows."""
-        if self.labels.get(node.id) != ("step", SPREAD) or node.primitive != "broadcast_in_dim":
+        if not self._stack_update(node) or node.primitive != "broadcast_in_dim":
             return False
         (x,), (y,) = node.inputs, node.outputs
         shape = self.values[y].shape
