@@ -252,7 +252,8 @@ def _device_from_dict(data: Any, where: str) -> DeviceSpec:
                 data["memory_bandwidth"], f"{where}.memory_bandwidth", "bytes/s"),
         )
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: {e}") from None
+        msg = str(e)  # the field checks name `where` already; DeviceSpec's own do not
+        raise ValueError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
 # ----------------------------------------------------------------------------------------

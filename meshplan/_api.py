@@ -29,6 +29,19 @@ def baseline_constraints(cluster: Cluster) -> dict[str, Constraints]:
     }
 
 
+def _check_same_step(plan: Plan, graph: Graph) -> None:
+    """Refuse a plan made for another model or other argument shapes than `graph`'s."""
+    fp = graph_fingerprint(graph)
+    if fp != plan.graph_fingerprint:
+        raise ValueError(
+            "this plan was made for another model or other argument shapes (graph "
+            f"fingerprint {plan.graph_fingerprint[:12]}..., this step traces to "
+            f"{fp[:12]}...); plan again with train_step.plan(*args).")
+    if len(graph.inputs) != len(plan.in_layouts):
+        raise ValueError(f"this plan has {len(plan.in_layouts)} argument layouts but the "
+                         f"step takes {len(graph.inputs)} arrays; plan again.")
+
+
 @dataclasses.dataclass
 class _Traced:
     graph: Graph
@@ -91,6 +104,9 @@ class AutoParallel:
         self.options = SearchOptions(memory_limit=memory_limit, time_limit=time_limit,
                                      stage_patience=stage_patience)
         self.roles = roles
+        if plan is not None and not isinstance(plan, Plan):
+            raise TypeError(f"plan= takes a meshplan Plan, not {type(plan).__name__}; load a "
+                            "saved plan with mp.Plan.from_json(text) first.")
         self._fixed_plan = plan
         self._traced: dict[tuple, _Traced] = {}
         self._plans: dict[tuple, Plan] = {}
@@ -156,9 +172,13 @@ class AutoParallel:
 
         >>> # plan = train_step.plan(params, opt_state, batch, constraints=mp.Constraints(tp=4))
         """
-        if self._fixed_plan is not None and constraints is None and cluster is None:
-            return self._check_fixed(args)
         arg_key = self._key(args)
+        if self._fixed_plan is not None and constraints is None and cluster is None:
+            # Checked once per argument signature: the same Plan object each call, so the
+            # program compiled for it is reused.
+            if (arg_key, "fixed") not in self._plans:
+                self._plans[(arg_key, "fixed")] = self._check_fixed(args)
+            return self._plans[(arg_key, "fixed")]
         t = self._trace(arg_key, args)
         cluster = cluster or self.cluster
         c = constraints or self.constraints
@@ -175,15 +195,7 @@ class AutoParallel:
         """Refuse a saved plan made for another model, other shapes or another cluster."""
         plan = self._fixed_plan
         t = self.trace(*args)
-        fp = graph_fingerprint(t.graph)
-        if fp != plan.graph_fingerprint:
-            raise ValueError(
-                "this plan was made for another model or other argument shapes (graph "
-                f"fingerprint {plan.graph_fingerprint[:12]}..., this step traces to "
-                f"{fp[:12]}...); plan again with train_step.plan(*args).")
-        if len(t.graph.inputs) != len(plan.in_layouts):
-            raise ValueError(f"this plan has {len(plan.in_layouts)} argument layouts but the "
-                             f"step takes {len(t.graph.inputs)} arrays; plan again.")
+        _check_same_step(plan, t.graph)
         if self._cluster is not None and self._cluster.fingerprint() != plan.cluster_fingerprint:
             raise ValueError(
                 f"this plan was made for cluster {plan.cluster_name!r} (fingerprint "
@@ -273,9 +285,11 @@ class AutoParallel:
     def _jitted(self, args, plan: Plan | None = None):
         from meshplan.runtime import build_mesh, interpret
         plan = plan or self.plan(*args)
+        # Keyed by the plan's id; the entry holds the plan, so that id cannot be reused by
+        # another plan while the entry exists.
         key = (self._key(args), id(plan))
         if key not in self._compiled and plan.stages:
-            self._compiled[key] = self._pipelined(args, plan)
+            self._compiled[key] = (plan, self._pipelined(args, plan))
         if key not in self._compiled:
             t = self.trace(*args)
             mesh = build_mesh(plan)
@@ -290,11 +304,11 @@ class AutoParallel:
                 outs = run(*jax.tree_util.tree_leaves(dyn))
                 return jax.tree_util.tree_unflatten(out_treedef, outs)
 
-            self._compiled[key] = jax.jit(step, in_shardings=tuple(in_sh),
-                                          out_shardings=out_sh,
-                                          donate_argnums=tuple(sorted(
-                                              self._dynamic_donate(len(args)))))
-        return self._compiled[key]
+            self._compiled[key] = (plan, jax.jit(step, in_shardings=tuple(in_sh),
+                                                 out_shardings=out_sh,
+                                                 donate_argnums=tuple(sorted(
+                                                     self._dynamic_donate(len(args))))))
+        return self._compiled[key][1]
 
     def __call__(self, *args):
         dyn, _ = self._split(args)
@@ -456,5 +470,6 @@ def estimate(step, plan: Plan, *args, cluster: Cluster | None = None) -> Cost:
     """
     step = _as_step(step)
     t = step.trace(*args)
+    _check_same_step(plan, t.graph)
     return estimate_plan(t.graph, plan, cluster or step.cluster, step.options, pairs=t.pairs,
                          donated=t.donated)

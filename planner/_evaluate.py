@@ -17,8 +17,14 @@ class Cost:
       flops: FLOPs per device per step.
       comm_bytes: bytes each device sends per step (ring definition, see DESIGN.md).
       peak_memory: bytes per device: argument + output + temp - alias.
-      breakdown: (name, seconds) pairs: "compute", one entry per collective kind, one per
-        mesh axis ("axis:tp"), and "reshard" for layout changes between ops.
+      breakdown: (name, seconds) pairs: "compute", then the collectives' time three ways,
+        which overlap (do not sum them all): per collective kind ("all-reduce"), per
+        mesh axis group it runs over ("axis:tp", "axis:dp+tp": an axis stands for its
+        link tier, e.g. one spanning nodes runs over the inter-node links), and
+        "reshard", the part spent on layout changes between ops. step_time is compute
+        plus the per-kind entries. A pipelined plan's parts instead: "pipeline busy",
+        "bubble" and "per-step work", which sum to step_time, and "p2p", the part
+        of the busy time spent sending between stages.
       memory: (name, bytes) pairs: argument, output, temp, alias.
       comm_by_kind: (kind, bytes sent per device) pairs.
     """

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -51,8 +52,16 @@ class Constraints:
     def __post_init__(self):
         for name in ("tp", "dp", "pp", "num_microbatches", "virtual_stages"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
+            if v is not None and not _positive_int(v):
                 raise ValueError(f"Constraints.{name} must be a positive int; got {v!r}")
+        if self.mesh_shape is not None:
+            shape = self.mesh_shape
+            if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__") or \
+                    not shape or not all(_positive_int(n) for n in shape):
+                raise ValueError("Constraints.mesh_shape must be a non-empty sequence of "
+                                 f"positive ints, e.g. (2, 4); got {shape!r}")
+            # A tuple of ints: constraints are hashed (plan caches) and compared.
+            object.__setattr__(self, "mesh_shape", tuple(int(n) for n in shape))
         if self.zero not in (None, 0, 1, 3):
             raise ValueError(f"Constraints.zero must be 0, 1 or 3 (ZeRO stage); got {self.zero!r}")
         from meshplan.costmodel import SCHEDULES
@@ -73,6 +82,10 @@ class Constraints:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,7 +312,7 @@ class Plan:
             raise ValueError(f"not a meshplan plan file of format {PLAN_FORMAT} "
                              f"(got format={d.get('format') if isinstance(d, dict) else None!r})")
         try:
-            return cls(
+            plan = cls(
                 mesh_shape=tuple(int(x) for x in d["mesh_shape"]),
                 axis_names=tuple(str(x) for x in d["axis_names"]),
                 device_order=tuple(int(x) for x in d["device_order"]),
@@ -327,6 +340,15 @@ class Plan:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"plan file has a missing or malformed field: {e!r}") from None
+        order = plan.device_order
+        # Every device once: mesh positions map to physical ids (a pipeline lists all
+        # stages' devices, a single mesh exactly its own).
+        want = len(order) if plan.stages else math.prod(plan.mesh_shape)
+        if sorted(order) != list(range(want)):
+            raise ValueError(f"plan file's device_order {list(order)} is not a permutation of "
+                             f"the {want} device ids 0..{want - 1} its mesh "
+                             f"{plan.mesh_shape} needs; re-save the plan from Plan.to_json.")
+        return plan
 
 
 def _fmt(v):

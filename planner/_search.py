@@ -106,6 +106,11 @@ def candidates(cluster: Cluster, c: Constraints) -> list[MeshCandidate]:
     n = cluster.num_devices
     order = topology_order(cluster)
     if c.tp is not None or c.dp is not None:
+        for name, degree in (("tp", c.tp), ("dp", c.dp)):
+            if degree is not None and n % degree:
+                raise ValueError(
+                    f"Constraints {name}={degree} does not divide the cluster's {n} devices; "
+                    f"choose {name} among {[k for k in range(1, n + 1) if n % k == 0]}.")
         tp = c.tp or (n // (c.dp or 1))
         dp = c.dp or (n // tp)
         if tp * dp != n:
@@ -745,7 +750,7 @@ def _to_plan(graph, cluster, best: Solved, view, out_values, in_treedef, out_tre
 def estimate_plan(graph: Graph, plan: Plan, cluster: Cluster,
                   options: SearchOptions = SearchOptions(), *, pairs=None,
                   donated: frozenset[int] = frozenset()) -> Cost:
-    """Cost of a fixed plan's mesh, placement and layouts on `cluster` (any device count)."""
+    """Cost of a fixed plan's mesh, placement and layouts on `cluster` (same device count)."""
     if cluster.num_devices != len(plan.device_order):
         raise ValueError(f"the plan uses {len(plan.device_order)} devices; cluster "
                          f"{cluster.name!r} has {cluster.num_devices}. Re-plan for it instead.")

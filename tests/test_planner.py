@@ -184,10 +184,27 @@ def test_constraints_errors_name_the_problem():
         mp.Constraints(tp=0)
     with pytest.raises(ValueError, match="schedule"):
         mp.Constraints(pp=2, schedule="round-robin")
+    with pytest.raises(ValueError, match="positive int"):
+        mp.Constraints(tp=True)
+    # A mesh shape given as a list is kept as a tuple (constraints are hashed); a shape
+    # that is not positive ints is refused.
+    assert mp.Constraints(mesh_shape=[2, 4]).mesh_shape == (2, 4)
+    hash(mp.Constraints(mesh_shape=[2, 4]))
+    for bad in ([], [2, 0], "24", [2.5, 4], 8):
+        with pytest.raises(ValueError, match="mesh_shape"):
+            mp.Constraints(mesh_shape=bad)
     ex = make("mlp")
     step = mp.auto_parallel(ex.train_step)
     with pytest.raises(ValueError, match="cluster has 8"):
-        step.plan(*ex.args, constraints=mp.Constraints(tp=3, dp=2))
+        step.plan(*ex.args, constraints=mp.Constraints(tp=4, dp=4))
+    # A degree that does not divide the devices: named, with the degrees that would.
+    for c, name in ((mp.Constraints(tp=3), "tp=3"), (mp.Constraints(tp=16), "tp=16"),
+                    (mp.Constraints(dp=3, tp=2), "dp=3")):
+        with pytest.raises(ValueError, match=rf"{name} does not divide the cluster's 8 "
+                                             r"devices; choose \w+ among \[1, 2, 4, 8\]"):
+            step.plan(*ex.args, constraints=c)
+    assert step.plan(*ex.args, constraints=mp.Constraints(mesh_shape=[2, 4]),
+                     compare_baselines=False).mesh_shape == (2, 4)
 
 
 def test_plan_json_keeps_integer_dict_keys():
@@ -213,6 +230,13 @@ def test_plan_json_round_trip_and_saved_plan_checks():
     out = fixed(*ex.args)
     ref = jax.jit(ex.train_step)(*ex.args)
     np.testing.assert_allclose(out[2], ref[2], rtol=1e-5)
+    # Checked once per argument signature: later calls reuse the plan and its program.
+    assert fixed.plan(*ex.args) is fixed.plan(*ex.args)
+    fixed(*ex.args)
+    assert len(fixed._compiled) == 1
+    # The plan's text is not a plan: refused with the remedy.
+    with pytest.raises(TypeError, match="Plan.from_json"):
+        mp.auto_parallel(ex.train_step, plan=plan.to_json())
     # Another model or other shapes: refused with the remedy.
     other = make("mlp", batch=64)
     with pytest.raises(ValueError, match="another model or other argument shapes"):
@@ -222,6 +246,13 @@ def test_plan_json_round_trip_and_saved_plan_checks():
                          cluster=mp.clusters.dgx_a100()).plan(*ex.args)
     with pytest.raises(ValueError, match="malformed|format"):
         mp.Plan.from_json('{"format": 1}')
+    # Device ids outside the mesh, or one id twice: refused when read, not when run.
+    import json
+    for order in ([0, 1, 2, 3, 4, 5, 6, 99], [0, 0, 1, 2, 3, 4, 5, 6]):
+        doc = json.loads(plan.to_json())
+        doc["device_order"] = order
+        with pytest.raises(ValueError, match="not a permutation of the 8 device ids"):
+            mp.Plan.from_json(json.dumps(doc))
 
 
 def test_estimate_recosts_a_plan_on_another_cluster():
@@ -234,3 +265,7 @@ def test_estimate_recosts_a_plan_on_another_cluster():
     slow = mp.clusters.custom(node_of=list(range(8)), device=mp.clusters.CPU,
                               intra=(10e9, 5e-6), inter=(1e8, 1e-3))
     assert mp.estimate(step, plan, *ex.args, cluster=slow).step_time > same.step_time
+    # A plan made for other argument shapes is refused, not re-costed on the wrong graph.
+    other = make("mlp", batch=64)
+    with pytest.raises(ValueError, match="another model or other argument shapes"):
+        mp.estimate(other.train_step, plan, *other.args)
