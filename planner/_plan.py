@@ -11,6 +11,7 @@ import numpy as np
 
 from meshplan.planner._evaluate import Cost
 from meshplan.planner._layout import Layout
+from meshplan.planner._readable import layout_lines
 
 PLAN_FORMAT = 1
 
@@ -82,6 +83,10 @@ class Constraints:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+# The summary lists at most this many argument-layout lines (folded, see _readable).
+_LAYOUT_LINES = 40
 
 
 def _positive_int(v) -> bool:
@@ -234,12 +239,13 @@ class Plan:
                              f"devices {st.device_ids[0]}..{st.device_ids[-1]}")
         if self.solver:
             lines.append("  solver: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self.solver))
-        lines.append("  argument layouts:")
-        shown = list(zip(self.input_paths, self.in_layouts))
-        for path, lay in shown[:40]:
-            lines.append(f"    {path}: {spec_of(lay, self.axis_names)}")
-        if len(shown) > 40:
-            lines.append(f"    ... {len(shown) - 40} more (all of them: plan.in_shardings)")
+        specs = tuple(str(spec_of(lay, self.axis_names)) for lay in self.in_layouts)
+        shown = layout_lines(self.input_paths, specs) if self.input_paths else []
+        lines.append(f"  argument layouts ({len(specs)} arrays; [*]: every layer alike):")
+        lines += [f"    {line}" for line in shown[:_LAYOUT_LINES]]
+        if len(shown) > _LAYOUT_LINES:
+            lines.append(f"    ... {len(shown) - _LAYOUT_LINES} more lines (every array's "
+                         "PartitionSpec: plan.in_shardings)")
         lines.append("  compared (predicted step time, comm, memory):")
         for name, shape, names, cost in self._rows():
             m = ",".join(f"{n}={s}" for n, s in zip(names, shape))

@@ -269,3 +269,27 @@ def test_estimate_recosts_a_plan_on_another_cluster():
     other = make("mlp", batch=64)
     with pytest.raises(ValueError, match="another model or other argument shapes"):
         mp.estimate(other.train_step, plan, *other.args)
+
+
+def test_summary_folds_repeated_layers_and_state_laid_out_as_its_parameter():
+    from meshplan.planner._readable import layout_lines
+    paths = ("[0]['b'][0]['w']", "[0]['b'][1]['w']", "[0]['b'][0]['v']", "[0]['b'][1]['v']",
+             "[1].mu['b'][0]['w']", "[1].mu['b'][1]['w']", "[1].mu['b'][0]['v']",
+             "[1].mu['b'][1]['v']", "[1].count", "[2]['w']")
+    specs = ("P('tp',)", "P('tp',)", "P()", "P('tp',)",  # layer 1's v differs from layer 0's
+             "P('tp',)", "P('tp',)", "P('dp',)", "P('tp',)", "P()", "P('dp',)")
+    assert layout_lines(paths, specs) == [
+        "[0]['b'][*]['w']: P('tp',)",
+        "[0]['b'][0]['v']: P()", "[0]['b'][1]['v']: P('tp',)",
+        "[1].mu: each other array as its parameter (3 arrays)",
+        "[1].mu['b'][0]['v']: P('dp',)",
+        "[1].count: P()",
+        "[2]['w']: P('dp',)",  # a later argument never counts as a parameter
+    ]
+    # On a real plan: every layer of the GPT alike, and the data arguments shown.
+    ex = make("gpt")
+    plan = mp.auto_parallel(ex.train_step, time_limit=2).plan(
+        *ex.args, constraints=mp.Constraints(tp=4, dp=2), compare_baselines=False)
+    text = plan.summary()
+    assert "[0]['blocks'][*]['wq']['kernel']: P(None, 'tp')" in text
+    assert "[2]['tokens']: P('dp',)" in text and "more lines" not in text

@@ -1,0 +1,82 @@
+"""Argument layouts as a person reads them: repeated layers and mirrored optimizer state
+folded into one line each.
+
+A 24-layer model has thousands of arguments; listing each one buries the plan. Two facts
+make the list short without hiding anything: layers of one kind usually take one layout
+(`['blocks'][*]`), and optimizer state usually takes its parameter's layout. Whatever
+breaks either pattern is still listed on its own line.
+"""
+from __future__ import annotations
+
+import re
+
+# An integer subscript right after a string subscript: a layer index (`['blocks'][3]`),
+# not a tuple position such as an optax state's `[0]`.
+_LAYER_INDEX = re.compile(r"(?<='\])\[(\d+)\]")
+# The argument position every path starts with: `[1]`.
+_ARGUMENT = re.compile(r"^\[\d+\]")
+
+
+def layout_lines(paths: tuple[str, ...], specs: tuple[str, ...]) -> list[str]:
+    """One line per argument layout, in argument order, repeated layers and mirrored
+    optimizer state folded.
+
+    >>> layout_lines(("[0]['b'][0]['w']", "[0]['b'][1]['w']", "[0]['e']",
+    ...               "[1].mu['b'][0]['w']", "[1].mu['b'][1]['w']", "[1].mu['e']"),
+    ...              ("P('tp',)",) * 2 + ("P()", "P('tp',)", "P('tp',)", "P('dp',)"))
+    ["[0]['b'][*]['w']: P('tp',)", "[0]['e']: P()", '[1].mu: each other array as its parameter (2 arrays)', "[1].mu['e']: P('dp',)"]
+    """
+    spec_of = dict(zip(paths, specs))
+    container_of, exceptions = _mirrors(paths, spec_of)
+    # Each line's key (a container or a layer pattern) in the order of its first array.
+    members: dict[tuple[str, str], list[str]] = {}
+    for p in paths:
+        c = container_of.get(p)
+        key = ("state", c) if c is not None else ("layers", _LAYER_INDEX.sub("[*]", p))
+        members.setdefault(key, []).append(p)
+    lines = []
+    for (kind, key), group in members.items():
+        if kind == "state":
+            other = "other " if key in exceptions else ""
+            lines.append(f"{key}: each {other}array as its parameter ({len(group)} arrays)")
+        elif len(group) > 1 and len({spec_of[p] for p in group}) == 1:
+            lines.append(f"{key}: {spec_of[group[0]]}")
+        else:  # one array, or layers laid out differently: each on its own line
+            lines += [f"{p}: {spec_of[p]}" for p in group]
+    return lines
+
+
+def _mirrors(paths, spec_of) -> tuple[dict[str, str], set[str]]:
+    """(path -> its container (e.g. `[1][0].mu`) for each array laid out as the parameter
+    whose path it ends with, containers holding an array laid out otherwise).
+
+    A parameter's path is that of an earlier argument, the argument position stripped:
+    parameters come before their optimizer state.
+    """
+    by_rest: dict[str, tuple[int, str]] = {}
+    for p in paths:
+        arg, rest = _split(p)
+        by_rest.setdefault(rest, (arg, p))
+    found: dict[str, str] = {}
+    exceptions: set[str] = set()
+    for p in paths:
+        arg, rest = _split(p)
+        for i in range(1, len(rest)):
+            if rest[i] != "[":
+                continue
+            twin_arg, twin = by_rest.get(rest[i:], (arg, ""))
+            if twin_arg >= arg:
+                continue
+            container = p[:len(p) - len(rest) + i]
+            if spec_of[twin] == spec_of[p]:
+                found[p] = container
+            else:
+                exceptions.add(container)
+            break
+    return found, exceptions
+
+
+def _split(path: str) -> tuple[int, str]:
+    """(argument position, the rest of the path); position -1 if the path has none."""
+    m = _ARGUMENT.match(path)
+    return (int(m.group(0)[1:-1]), path[m.end():]) if m else (-1, path)
