@@ -157,3 +157,17 @@ def si(x: float | None, unit: str = "") -> str:
         if abs(x) >= p:
             return f"{x / p:.3g}{s}{unit}"
     return f"{x:.3g}{unit}"
+
+
+# The clusters plan_quality.py and planning_speed.py plan for, by name.
+CLUSTERS = ("local", "a100x1", "a100x4", "h100x2")
+
+
+def make_cluster(name: str):
+    """`Cluster.local()`, or a DGX preset: a100x1/a100x4 (1 or 4 A100 nodes), h100x2."""
+    import meshplan as mp
+
+    return {"local": mp.Cluster.local,
+            "a100x1": lambda: mp.clusters.dgx_a100(nodes=1),
+            "a100x4": lambda: mp.clusters.dgx_a100(nodes=4),
+            "h100x2": lambda: mp.clusters.dgx_h100(nodes=2)}[name]()

@@ -27,8 +27,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (environment, pick, request_cpu_devices, short_error,  # noqa: E402
-                     show_saved, si, table, write_json)
+from _common import (CLUSTERS, environment, make_cluster, pick,  # noqa: E402
+                     request_cpu_devices, short_error, show_saved, si, table, write_json)
 
 NUM_DEVICES = 8
 RTOL = 1e-9
@@ -36,16 +36,6 @@ BASELINES = ("dp", "fsdp", "megatron")
 # A GPT whose weights and activations make the GPU presets' links and memory matter
 # (about 55 M parameters, batch 32 x 512 tokens).
 GPT_LARGE = dict(layers=4, hidden=1024, heads=16, seq=512, batch=32, vocab=4096)
-CLUSTERS = ("local", "a100x1", "a100x4", "h100x2")
-
-
-def make_cluster(name: str):
-    import meshplan as mp
-
-    return {"local": mp.Cluster.local,
-            "a100x1": lambda: mp.clusters.dgx_a100(nodes=1),
-            "a100x4": lambda: mp.clusters.dgx_a100(nodes=4),
-            "h100x2": lambda: mp.clusters.dgx_h100(nodes=2)}[name]()
 
 
 def make_model(name: str):

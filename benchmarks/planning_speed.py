@@ -21,13 +21,15 @@ Run: python benchmarks/planning_speed.py [--layers 24 48 96] [--repeat 3] [--tim
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 
 
-CLUSTERS = {"a100x1": ("dgx_a100", 1), "a100x4": ("dgx_a100", 4), "h100x2": ("dgx_h100", 2)}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import CLUSTERS, make_cluster  # noqa: E402
 
 
 def one_run(layers: int, hidden: int, time_limit: float, devices: int,
@@ -38,13 +40,12 @@ def one_run(layers: int, hidden: int, time_limit: float, devices: int,
     import meshplan as mp
     from meshplan.examples import make
 
-    preset, nodes = CLUSTERS[cluster]
     from meshplan.ir._util import paused_gc
 
     ex = make("gpt", layers=layers, hidden=hidden, heads=16, seq=512, batch=8, vocab=4096,
               abstract=True)
     step = mp.auto_parallel(ex.train_step, time_limit=time_limit,
-                            cluster=getattr(mp.clusters, preset)(nodes=nodes))
+                            cluster=make_cluster(cluster))
     t0 = time.perf_counter()
     with paused_gc():  # as ir.trace runs it
         jax.make_jaxpr(ex.train_step)(*ex.args)  # JAX's own tracing; step.trace reuses it
@@ -68,7 +69,8 @@ def main():
     ap.add_argument("--time-limit", type=float, default=3.0)
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--cluster", choices=sorted(CLUSTERS), default="a100x1",
+    ap.add_argument("--cluster", choices=[c for c in CLUSTERS if c != "local"],
+                    default="a100x1",
                     help="the described cluster planned for (plan_quality.py's names)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
