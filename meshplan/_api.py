@@ -34,7 +34,7 @@ def _check_same_step(plan: Plan, graph: Graph) -> None:
     fp = graph_fingerprint(graph)
     if fp != plan.graph_fingerprint:
         raise ValueError(
-            "this plan was made for another model or other argument shapes (graph "
+            "this plan was made for another model, other argument shapes or roles (graph "
             f"fingerprint {plan.graph_fingerprint[:12]}..., this step traces to "
             f"{fp[:12]}...); plan again with train_step.plan(*args).")
     if len(graph.inputs) != len(plan.in_layouts):
@@ -98,6 +98,7 @@ class AutoParallel:
                  time_limit: float = 3.0, stage_patience: int | None = 2):
         self.fn = fn
         self._cluster = cluster
+        self._local: Cluster | None = None
         self.donate_argnums = tuple(donate_argnums)
         self.static_argnums = tuple(static_argnums)
         self.constraints = constraints or Constraints()
@@ -116,9 +117,13 @@ class AutoParallel:
 
     @property
     def cluster(self) -> Cluster:
-        if self._cluster is None:
-            self._cluster = Cluster.local()
-        return self._cluster
+        # The local cluster is made when first needed and kept apart from `_cluster`,
+        # which says whether the user named one (a saved plan is checked against that).
+        if self._cluster is not None:
+            return self._cluster
+        if self._local is None:
+            self._local = Cluster.local()
+        return self._local
 
     # ------------------------------------------------------------------ tracing
 

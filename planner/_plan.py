@@ -56,14 +56,9 @@ class Constraints:
             if v is not None and not _positive_int(v):
                 raise ValueError(f"Constraints.{name} must be a positive int; got {v!r}")
         if self.mesh_shape is not None:
-            shape = self.mesh_shape
-            if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__") or \
-                    not shape or not all(_positive_int(n) for n in shape):
-                raise ValueError("Constraints.mesh_shape must be a non-empty sequence of "
-                                 f"positive ints, e.g. (2, 4); got {shape!r}")
             # A tuple of ints: constraints are hashed (plan caches) and compared.
-            object.__setattr__(self, "mesh_shape", tuple(int(n) for n in shape))
-        if self.zero not in (None, 0, 1, 3):
+            object.__setattr__(self, "mesh_shape", _shape_tuple(self.mesh_shape))
+        if self.zero is not None and (isinstance(self.zero, bool) or self.zero not in (0, 1, 3)):
             raise ValueError(f"Constraints.zero must be 0, 1 or 3 (ZeRO stage); got {self.zero!r}")
         from meshplan.costmodel import SCHEDULES
         if self.schedule is not None and self.schedule not in SCHEDULES:
@@ -87,6 +82,20 @@ class Constraints:
 
 # The summary lists at most this many argument-layout lines (folded, see _readable).
 _LAYOUT_LINES = 40
+
+
+def _shape_tuple(shape) -> tuple[int, ...]:
+    """`shape` as a non-empty tuple of positive ints, or a ValueError naming it."""
+    items = None
+    if not isinstance(shape, (str, bytes)):
+        try:
+            items = tuple(shape)
+        except TypeError:  # not iterable (an int, a 0-d array)
+            pass
+    if not items or not all(_positive_int(n) for n in items):
+        raise ValueError("Constraints.mesh_shape must be a non-empty sequence of positive "
+                         f"ints, e.g. (2, 4); got {shape!r}")
+    return tuple(int(n) for n in items)
 
 
 def _positive_int(v) -> bool:
@@ -347,13 +356,21 @@ class Plan:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"plan file has a missing or malformed field: {e!r}") from None
         order = plan.device_order
-        # Every device once: mesh positions map to physical ids (a pipeline lists all
-        # stages' devices, a single mesh exactly its own).
-        want = len(order) if plan.stages else math.prod(plan.mesh_shape)
+        # Every device once: mesh positions map to physical ids (a pipeline lists every
+        # stage's devices, stage after stage, a single mesh exactly its own).
+        p = len(plan.stages) // (plan.pipeline.virtual_stages if plan.pipeline else 1)
+        want = max(p, 1) * math.prod(plan.mesh_shape)
         if sorted(order) != list(range(want)):
             raise ValueError(f"plan file's device_order {list(order)} is not a permutation of "
                              f"the {want} device ids 0..{want - 1} its mesh "
-                             f"{plan.mesh_shape} needs; re-save the plan from Plan.to_json.")
+                             f"{plan.mesh_shape}" + (f" times {p} stages" if plan.stages else "")
+                             + " needs; re-save the plan from Plan.to_json.")
+        for k, st in enumerate(plan.stages):
+            chunk = order[(k % p) * len(order) // p:(k % p + 1) * len(order) // p]
+            if tuple(st.device_ids) != tuple(chunk):
+                raise ValueError(f"plan file's stage {k} lists devices {list(st.device_ids)} "
+                                 f"but device_order gives it {list(chunk)}; re-save the plan "
+                                 "from Plan.to_json.")
         return plan
 
 

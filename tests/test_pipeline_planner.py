@@ -176,6 +176,17 @@ def test_a_pinned_pipeline_is_planned_with_stages_schedule_and_bubble(gpt4):
     assert "2 stages, 4 microbatches, schedule gpipe" in plan.summary()
     back = mp.Plan.from_json(plan.to_json())
     assert back.stages == plan.stages and back.pipeline == plan.pipeline
+    # A file whose stages do not hold the devices its device order gives them is refused.
+    import json
+    doc = json.loads(plan.to_json())
+    doc["stages"][0]["device_ids"], doc["stages"][1]["device_ids"] = \
+        doc["stages"][1]["device_ids"], doc["stages"][0]["device_ids"]
+    with pytest.raises(ValueError, match="stage 0 lists devices"):
+        mp.Plan.from_json(json.dumps(doc))
+    doc = json.loads(plan.to_json())
+    doc["device_order"] = doc["device_order"][:4]
+    with pytest.raises(ValueError, match="not a permutation of the 8 device ids"):
+        mp.Plan.from_json(json.dumps(doc))
 
 
 def test_pipeline_constraints_are_checked_with_remedies():

@@ -190,9 +190,13 @@ def test_constraints_errors_name_the_problem():
     # that is not positive ints is refused.
     assert mp.Constraints(mesh_shape=[2, 4]).mesh_shape == (2, 4)
     hash(mp.Constraints(mesh_shape=[2, 4]))
-    for bad in ([], [2, 0], "24", [2.5, 4], 8):
+    assert mp.Constraints(mesh_shape=np.array([2, 4])).mesh_shape == (2, 4)
+    assert mp.Constraints(mesh_shape=(n for n in (2, 4))).mesh_shape == (2, 4)
+    for bad in ([], [2, 0], "24", [2.5, 4], 8, np.array(8), [True, 8]):
         with pytest.raises(ValueError, match="mesh_shape"):
             mp.Constraints(mesh_shape=bad)
+    with pytest.raises(ValueError, match="ZeRO stage"):
+        mp.Constraints(zero=True)
     ex = make("mlp")
     step = mp.auto_parallel(ex.train_step)
     with pytest.raises(ValueError, match="cluster has 8"):
@@ -234,12 +238,19 @@ def test_plan_json_round_trip_and_saved_plan_checks():
     assert fixed.plan(*ex.args) is fixed.plan(*ex.args)
     fixed(*ex.args)
     assert len(fixed._compiled) == 1
+    # Asking the step for its cluster (mp.estimate does) does not make it "given": the
+    # saved plan still runs on local devices.
+    gpu = mp.auto_parallel(ex.train_step, cluster=mp.clusters.dgx_a100(), time_limit=2)
+    for_gpus = mp.Plan.from_json(gpu.plan(*ex.args, compare_baselines=False).to_json())
+    again = mp.auto_parallel(ex.train_step, plan=for_gpus)
+    mp.estimate(again, for_gpus, *ex.args)
+    np.testing.assert_allclose(again(*ex.args)[2], ref[2], rtol=1e-5)
     # The plan's text is not a plan: refused with the remedy.
     with pytest.raises(TypeError, match="Plan.from_json"):
         mp.auto_parallel(ex.train_step, plan=plan.to_json())
     # Another model or other shapes: refused with the remedy.
     other = make("mlp", batch=64)
-    with pytest.raises(ValueError, match="another model or other argument shapes"):
+    with pytest.raises(ValueError, match="another model, other argument shapes or roles"):
         mp.auto_parallel(other.train_step, plan=back).plan(*other.args)
     with pytest.raises(ValueError, match="made for cluster"):
         mp.auto_parallel(ex.train_step, plan=back,
@@ -267,7 +278,7 @@ def test_estimate_recosts_a_plan_on_another_cluster():
     assert mp.estimate(step, plan, *ex.args, cluster=slow).step_time > same.step_time
     # A plan made for other argument shapes is refused, not re-costed on the wrong graph.
     other = make("mlp", batch=64)
-    with pytest.raises(ValueError, match="another model or other argument shapes"):
+    with pytest.raises(ValueError, match="another model, other argument shapes or roles"):
         mp.estimate(other.train_step, plan, *other.args)
 
 
