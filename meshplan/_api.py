@@ -363,12 +363,16 @@ def _scan_passes(graph, view, layers) -> dict[int, str]:
 
 def _microbatch_weights(step, args, micro_args, double_args, tm, wanted, m) -> dict:
     """Per value combined over microbatches: 1/m if it averages over the batch, 1 if it
-    sums. Measured: the step runs on its first microbatch, alone and twice over; a mean
-    stays, a sum doubles."""
+    sums. Measured: the step runs on the first two microbatches, each alone and both
+    together; a mean of the two is a mean, their sum a sum. Anything else (a loss divided
+    by a data-dependent count, such as a masked mean) is refused: a pipeline cannot
+    combine it from its microbatches."""
     from meshplan.runtime import Interpreter
     from meshplan.runtime._apply import read_value
     if not wanted:
         return {}
+    if m == 1:  # one microbatch: nothing to combine
+        return {v: 1.0 for v in wanted}
     td = step.trace(*double_args)
     gm, gd = tm.graph, td.graph
     if len(gm.nodes) != len(gd.nodes):
@@ -378,15 +382,17 @@ def _microbatch_weights(step, args, micro_args, double_args, tm, wanted, m) -> d
     twin = {v: w for a, b in zip(gm.nodes, gd.nodes) for v, w in zip(a.outputs, b.outputs)}
     leaves = jax.tree_util.tree_leaves(step._split(args)[0])
     micro = jax.tree_util.tree_leaves(step._split(micro_args)[0])
-    one, two = [], []
+    first, second, both = [], [], []
     for x, shape, info in zip(leaves, micro, gm.input_info):
-        if info.role == "data":  # its first microbatch, alone and twice
+        if info.role == "data":  # microbatches 0 and 1, alone and together
             b = shape.shape[0]
-            one.append(x[:b])
-            two.append(jnp.concatenate([x[:b], x[:b]]))
+            first.append(x[:b])
+            second.append(x[b:2 * b])
+            both.append(x[:2 * b])
         else:
-            one.append(x)
-            two.append(x)
+            first.append(x)
+            second.append(x)
+            both.append(x)
 
     def values(graph, ids, ins):
         it = Interpreter(graph, _Bare(), None)
@@ -399,22 +405,34 @@ def _microbatch_weights(step, args, micro_args, double_args, tm, wanted, m) -> d
             return [env[v] for v in ids]
         return [np.asarray(o, np.float64) for o in jax.jit(run)(*ins)]
 
-    a = values(gm, wanted, one)
-    b = values(gd, [twin[v] for v in wanted], two)
+    one = values(gm, wanted, first)
+    other = values(gm, wanted, second)
+    two = values(gd, [twin[v] for v in wanted], both)
     out = {}
-    for v, x, y in zip(wanted, a, b):
-        scale = float(np.vdot(x, y) / np.vdot(x, x)) if np.vdot(x, x) > 0 else 1.0
-        if abs(scale - 1) < 1e-3:
-            out[v] = 1.0 / m
-        elif abs(scale - 2) < 1e-3:
+    for v, x, y, z in zip(wanted, one, other, two):
+        size = max(float(np.linalg.norm(z)), 1e-30)
+        off_mean = float(np.linalg.norm(z - (x + y) / 2)) / size
+        off_sum = float(np.linalg.norm(z - (x + y))) / size
+        if not np.any(z) or off_sum < _COMBINE_TOLERANCE <= off_mean:
             out[v] = 1.0
+        elif off_mean < _COMBINE_TOLERANCE:
+            out[v] = 1.0 / m
         else:
             raise ValueError(
                 f"a value the step hands from its backward pass to its update is neither "
-                f"averaged nor summed over the batch (doubling the batch scaled it by "
-                f"{scale:.4g}); a pipeline cannot combine its microbatches. Plan with "
-                "Constraints(pp=1).")
+                f"the mean nor the sum of its values on the microbatches (off the mean by "
+                f"{off_mean:.3g}, off the sum by {off_sum:.3g}, relative): it depends on the "
+                "batch as a whole, as a loss divided by a data-dependent count (a masked "
+                "mean) does, and a pipeline cannot combine it from its microbatches. Divide "
+                "by a count that does not depend on the data (e.g. the batch's token "
+                "count), or plan with Constraints(pp=1).")
     return out
+
+
+# Relative error (in norm) below which a value counts as the mean or the sum of its
+# microbatches' values: float32 rounding of a gradient summed in another order stays
+# well below it; a masked mean over unevenly padded microbatches is off by tens of %.
+_COMBINE_TOLERANCE = 1e-3
 
 
 class _Bare:

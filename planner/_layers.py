@@ -88,6 +88,23 @@ def _block_of_paths(paths: dict[int, str]) -> dict[int, int]:
     return blocks
 
 
+def _blocks_of_state(state) -> dict[int, int]:
+    """State input value -> block number, from the parameters' paths; an optimizer-state
+    array takes the block of the parameter whose path it ends with.
+
+    Only parameter paths are compared: optimizer state holds integers of its own (optax's
+    chain positions, `[1][0].count` next to `[1][2].count` with a learning-rate
+    schedule), which are not blocks.
+    """
+    params = {op.outputs[0]: op.path for op in state if op.role == "param"}
+    blocks = _block_of_paths(params)
+    by_suffix = {_suffix(params[v]): b for v, b in blocks.items()}
+    for op in state:
+        if op.role == "opt_state" and _suffix(op.path) in by_suffix:
+            blocks[op.outputs[0]] = by_suffix[_suffix(op.path)]
+    return blocks
+
+
 def _template(split: list[str], j: int) -> str:
     """The path with its j-th integer replaced by '*' (split: text, int, text, int, ...)."""
     out = list(split)
@@ -99,7 +116,7 @@ def find_layers(view: PlanningView, pairs: dict[int, int] | None = None) -> Laye
     """The pipeline layers of `view`, or None when it has no repeated blocks to split."""
     ops = view.ops
     state = [op for op in ops if op.kind == "input" and op.role in ("param", "opt_state")]
-    block_of_value = _block_of_paths({op.outputs[0]: op.path for op in state})
+    block_of_value = _blocks_of_state(state)
     numbers = sorted(set(block_of_value.values()))
     rank = {b: i for i, b in enumerate(numbers)}
     scan_trip = _block_scan(view)

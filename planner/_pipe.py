@@ -686,12 +686,13 @@ def evaluate_split(c, s: Setting, pieces, hop) -> PipelineChoice:
                           s.recompute)
 
 
-def selective(c, s: Setting, pieces, limit) -> Setting | None:
+def selective(c, s: Setting, pieces, limit, uniform: bool = False) -> Setting | None:
     """Per-layer recomputation for a split that fits with every layer recomputed: keep the
     activations of the layers whose recomputation costs the most time per byte saved, in
     that order, as long as each device's memory allows (Korthikanti et al., "Reducing Activation
     Recomputation in Large Transformer Models", 2022, recompute selectively for the same
-    reason). None when that is every layer or none (the "full" and "none" settings)."""
+    reason). None when that is every layer or none (the "full" and "none" settings),
+    unless `uniform` (remat="layers" pinned: then it says which, as a "layers" setting)."""
     cs = _per_stage(c, s.p)
     limits = _per_stage(limit, s.p)
     n = cs[0].num_layers
@@ -719,7 +720,7 @@ def selective(c, s: Setting, pieces, limit) -> Setting | None:
         over = np.flatnonzero(mem > limits[d])
         k = int(over[0]) - 1 if len(over) else len(order)
         rm[order[:max(k, 0)]] = False
-    if rm.all() or not rm.any():
+    if not uniform and (rm.all() or not rm.any()):
         return None
     return dataclasses.replace(s, remat="layers", recompute=tuple(bool(x) for x in rm))
 
@@ -762,7 +763,8 @@ def best_pipeline(c, p: int, limit, hop, *, schedules, remats, zeros,
                                 continue
                             s = dataclasses.replace(s, remat="full")
                             stages = splits["full"] if "full" in splits else split(c, s, limit)
-                            s = stages and selective(c, s, stages, limit)
+                            s = stages and selective(c, s, stages, limit,
+                                                     uniform=tuple(remats) == ("layers",))
                             if not s:
                                 continue
                         else:

@@ -75,6 +75,26 @@ class Constraints:
                              or self.virtual_stages not in (None, 1)):
             raise ValueError("Constraints.pp=1 (no pipeline) cannot take num_microbatches, "
                              "schedule or virtual_stages; leave pp unset or give pp > 1.")
+        if self.schedule == "interleaved" and self.virtual_stages == 1:
+            raise ValueError("Constraints(schedule='interleaved') runs 2 or more chunks per "
+                             "device; give virtual_stages >= 2 or leave it unset.")
+        if self.schedule == "interleaved" and self.pp and self.num_microbatches and \
+                self.num_microbatches % self.pp:
+            raise ValueError(f"Constraints(schedule='interleaved', pp={self.pp}) needs "
+                             f"num_microbatches a multiple of pp (Megatron-LM's interleaved "
+                             f"schedule); got {self.num_microbatches}.")
+        if self.mesh_shape is not None and (self.pp not in (None, 1) or self.pipeline_only()):
+            raise ValueError(f"Constraints.mesh_shape={self.mesh_shape} is the whole, "
+                             "unpipelined mesh; for a pipeline give each stage's tp and dp "
+                             "instead of mesh_shape.")
+
+    def pipeline_only(self) -> tuple[str, ...]:
+        """The pinned settings that only a pipeline has (they make the search pipeline)."""
+        pinned = (("num_microbatches", self.num_microbatches is not None),
+                  ("schedule", self.schedule is not None),
+                  ("virtual_stages", self.virtual_stages is not None),
+                  ("remat", self.remat in ("full", "layers")))
+        return tuple(name for name, on in pinned if on)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

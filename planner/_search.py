@@ -318,7 +318,8 @@ def pipeline_degrees(n: int, num_layers: int, c: Constraints, per_node: int) -> 
         if not s or (c.tp and s % c.tp) or (c.dp and s % c.dp) or \
                 (c.tp and c.dp and c.tp * c.dp != s):
             raise ValueError(f"Constraints(pp={c.pp}, tp={c.tp}, dp={c.dp}) does not fit "
-                             f"{n} devices: pp x tp x dp must equal the device count.")
+                             f"{n} devices: pp x tp x dp must equal the device count (pp "
+                             f"among {[k for k in range(2, n + 1) if n % k == 0]}).")
         if c.pp > num_layers:
             raise ValueError(f"Constraints(pp={c.pp}) asks for more stages than the "
                              f"{num_layers} layers found (embedding, blocks, head).")
@@ -370,6 +371,12 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
     n = cluster.num_devices
     per_node = len(cluster.devices_of_node(cluster.node_of[0]))
     if c.pp is None and not pipeline_degrees(n, n, c, per_node):
+        if c.pipeline_only():
+            pinned = c.pipeline_only()
+            why.append(f"{', '.join(pinned)} appl{'ies' if len(pinned) == 1 else 'y'} to "
+                       "pipelines only, and with pp "
+                       f"unset stages are whole nodes, which {n} devices on "
+                       f"{cluster.num_nodes} node(s) do not make; pin pp (e.g. pp=2)")
         return []  # e.g. one node: no stage count fits, so no need to find the layers
     layers = find_layers(view, pairs) if c.pp != 1 else None
     if layers is None:
@@ -639,7 +646,9 @@ def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraint
     grouping = group_view(view, options.tie_layers)
     shared: dict = {}  # collective times by link structure, for every mesh below
     runs: list[tuple[str, Solved]] = []
-    for cand in (candidates(cluster, constraints) if constraints.pp in (None, 1) else []):
+    # Pipeline settings pinned (microbatches, schedule, recomputation): only pipelines.
+    flat = constraints.pp in (None, 1) and not constraints.pipeline_only()
+    for cand in (candidates(cluster, constraints) if flat else []):
         solved = solve_candidate(view, live, cluster, cand, constraints, options, aliased, limit,
                                  grouping, shared)
         runs.append((cand.label, solved))

@@ -67,6 +67,33 @@ def test_a_scanned_gpt_has_the_same_layers_as_the_unrolled_one():
                 fu.get((phase, edge), 0.0), abs=0.01 * blocks_u / 4)
 
 
+def test_optimizer_state_integers_are_not_layers():
+    """optax's chain positions (`[1][0].count`, `[1][2].count` with a learning-rate
+    schedule) differ in one integer too; only parameter paths name blocks."""
+    import optax
+    sched = optax.adamw(optax.cosine_decay_schedule(1e-3, 100))
+    for name, blocks, scanned in (("gpt", 4, False), ("gpt_scan", 4, True),
+                                  ("transformer_scan", 4, True)):
+        ex = make(name, layers=4, tx=sched)
+        t = mp.auto_parallel(ex.train_step).trace(*ex.args)
+        layers = find_layers(build_view(t.graph, t.pairs), t.pairs)
+        assert (layers.num_blocks, layers.scanned) == (blocks, scanned), name
+        # Each block's optimizer state sits in the layer of its parameter.
+        for info in t.graph.input_info:
+            if info.role == "opt_state" and "['blocks'][2]" in info.path:
+                assert layers.input_layers[info.value] == (3,), info.path
+    # Three distinct matrices and a scheduled Adam: no repeated layers at all.
+    params = {k: jax.numpy.ones((8, 8)) for k in "abc"}
+
+    def mlp_step(p, o, x):
+        loss, g = jax.value_and_grad(lambda p: jax.numpy.sum(x @ p["a"] @ p["b"] @ p["c"]))(p)
+        u, o = sched.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+
+    t = mp.auto_parallel(mlp_step).trace(params, sched.init(params), jax.numpy.ones((4, 8)))
+    assert find_layers(build_view(t.graph, t.pairs), t.pairs) is None
+
+
 def test_a_model_without_repeated_layers_cannot_be_pipelined_and_says_so():
     ex, step, view, pairs = _view("mlp")
     assert find_layers(view, pairs) is None
@@ -198,6 +225,21 @@ def test_pipeline_constraints_are_checked_with_remedies():
         mp.Constraints(pp=2, schedule="1f1b", virtual_stages=2)
     with pytest.raises(ValueError, match="pp=1"):
         mp.Constraints(pp=1, num_microbatches=4)
+    with pytest.raises(ValueError, match="virtual_stages >= 2"):
+        mp.Constraints(schedule="interleaved", virtual_stages=1)
+    with pytest.raises(ValueError, match="multiple of pp"):
+        mp.Constraints(pp=2, schedule="interleaved", num_microbatches=3)
+    with pytest.raises(ValueError, match="unpipelined mesh"):
+        mp.Constraints(pp=2, mesh_shape=(8,))
+    # Pipeline settings without pp on one node (stages must then be whole nodes): refused
+    # with the remedy, not ignored by an unpipelined plan.
+    ex = make("gpt", layers=4)
+    step = mp.auto_parallel(ex.train_step, time_limit=2)
+    for c in (mp.Constraints(remat="full"), mp.Constraints(num_microbatches=4)):
+        with pytest.raises(ValueError, match="to pipelines only.*pin pp"):
+            step.plan(*ex.args, constraints=c, compare_baselines=False)
+    with pytest.raises(ValueError, match=r"pp among \[2, 4, 8\]"):
+        step.plan(*ex.args, constraints=mp.Constraints(pp=3), compare_baselines=False)
     # More stage chunks than layers: said as such, not as "nothing fits in memory".
     from meshplan.planner._search import pipeline_degrees
     pinned = mp.Constraints(pp=4, schedule="interleaved", virtual_stages=2)

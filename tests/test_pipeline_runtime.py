@@ -89,6 +89,36 @@ def test_a_summed_loss_combines_microbatches_by_summing():
     assert _rel(out[2], ref[2]) < 1e-5
 
 
+def test_a_loss_divided_by_a_data_dependent_count_is_refused_not_combined_wrongly():
+    """A masked mean is a mean over each microbatch with its own count: neither the mean
+    nor the sum of the microbatches' values, so the pipeline refuses it."""
+    import jax.numpy as jnp
+    import optax
+    k = jax.random.split(jax.random.key(0), 6)
+    params = {"embed": jax.random.normal(k[0], (16, 32)) * 0.1,
+              "blocks": [{"w": jax.random.normal(k[i + 1], (32, 32)) * 0.2}
+                         for i in range(4)],
+              "head": jax.random.normal(k[5], (32, 1)) * 0.1}
+    tx = optax.sgd(0.1)
+    batch = {"x": jax.random.normal(k[0], (8, 16)), "y": jnp.linspace(0, 1, 8)[:, None],
+             "mask": jnp.array([1, 0, 0, 0, 1, 1, 1, 1], jnp.float32)}  # padded unevenly
+
+    def step(p, o, batch):
+        def loss_fn(p):
+            h = batch["x"] @ p["embed"]
+            for blk in p["blocks"]:
+                h = h + jnp.tanh(h @ blk["w"])
+            per = jnp.square(h @ p["head"] - batch["y"])[:, 0]
+            return jnp.sum(per * batch["mask"]) / jnp.sum(batch["mask"])
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+
+    pipelined = mp.auto_parallel(step, constraints=mp.Constraints(pp=2, num_microbatches=2))
+    with pytest.raises(ValueError, match="neither the mean nor the sum.*masked mean"):
+        pipelined(params, tx.init(params), batch)
+
+
 def test_microbatches_that_do_not_divide_the_batch_are_refused_with_the_reason():
     ex = make("gpt", layers=4)  # batch 8
     step = mp.auto_parallel(ex.train_step)
@@ -123,6 +153,17 @@ def test_recomputing_some_layers_runs_and_equals_unpipelined(gpts):
     assert size(runner, "backward") < size(full, "backward")
     assert size(runner, "backward") > size(step._pipelined(ex.args, dataclasses.replace(
         plan, pipeline=dataclasses.replace(plan.pipeline, remat="none"))).runner, "backward")
+
+
+def test_pinned_layer_recomputation_is_planned_even_when_every_activation_fits(gpts):
+    """remat="layers" pinned on a model whose activations all fit: a "layers" plan that
+    recomputes none (before: no plan, and a false out-of-memory error)."""
+    ex, ref, step = gpts[4]
+    plan = step.plan(*ex.args, constraints=mp.Constraints(pp=2, remat="layers"),
+                     compare_baselines=False)
+    assert plan.pipeline.remat == "layers" and plan.pipeline.recompute == ()
+    out = step._jitted(ex.args, plan)(*ex.args)
+    assert max(_rel(a, b) for a, b in zip(out, ref)) < 1e-5
 
 
 def test_the_block_scan_is_cut_at_the_stage_boundaries():
