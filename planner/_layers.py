@@ -88,21 +88,43 @@ def _block_of_paths(paths: dict[int, str]) -> dict[int, int]:
     return blocks
 
 
-def _blocks_of_state(state) -> dict[int, int]:
+def _blocks_of_state(state, twin: dict[int, int]) -> dict[int, int]:
     """State input value -> block number, from the parameters' paths; an optimizer-state
-    array takes the block of the parameter whose path it ends with.
+    array takes the block of its parameter (`twin`).
 
     Only parameter paths are compared: optimizer state holds integers of its own (optax's
     chain positions, `[1][0].count` next to `[1][2].count` with a learning-rate
     schedule), which are not blocks.
     """
-    params = {op.outputs[0]: op.path for op in state if op.role == "param"}
-    blocks = _block_of_paths(params)
-    by_suffix = {_suffix(params[v]): b for v, b in blocks.items()}
-    for op in state:
-        if op.role == "opt_state" and _suffix(op.path) in by_suffix:
-            blocks[op.outputs[0]] = by_suffix[_suffix(op.path)]
+    blocks = _block_of_paths({op.outputs[0]: op.path for op in state if op.role == "param"})
+    for v, param in twin.items():
+        if param in blocks:
+            blocks[v] = blocks[param]
     return blocks
+
+
+def _twins(state, values) -> dict[int, int]:
+    """Optimizer-state value -> the parameter of its shape whose path its own ends with,
+    argument position stripped (`[1][0].mu['blocks'][3]['w']` ends with
+    `[0]['blocks'][3]['w']`'s `['blocks'][3]['w']`); the longest such ending wins."""
+    params = {_strip_argument(op.path): op.outputs[0] for op in state if op.role == "param"}
+    out: dict[int, int] = {}
+    for op in state:
+        if op.role != "opt_state":
+            continue
+        v, rest = op.outputs[0], _strip_argument(op.path)
+        for i, ch in enumerate(rest):
+            p = params.get(rest[i:]) if ch in "[." else None
+            # Same shape: a scalar step count at `[1][0]` is no twin of a parameter `[0][0]`.
+            if p is not None and values[p].shape == values[v].shape:
+                out[v] = p
+                break
+    return out
+
+
+def _strip_argument(path: str) -> str:
+    """A pytree path without its leading argument position: "[1][0].mu" -> "[0].mu"."""
+    return path[path.index("]") + 1:] if path.startswith("[") else path
 
 
 def _template(split: list[str], j: int) -> str:
@@ -116,7 +138,8 @@ def find_layers(view: PlanningView, pairs: dict[int, int] | None = None) -> Laye
     """The pipeline layers of `view`, or None when it has no repeated blocks to split."""
     ops = view.ops
     state = [op for op in ops if op.kind == "input" and op.role in ("param", "opt_state")]
-    block_of_value = _blocks_of_state(state)
+    twin = _twins(state, view.values)
+    block_of_value = _blocks_of_state(state, twin)
     numbers = sorted(set(block_of_value.values()))
     rank = {b: i for i, b in enumerate(numbers)}
     scan_trip = _block_scan(view)
@@ -213,13 +236,12 @@ def find_layers(view: PlanningView, pairs: dict[int, int] | None = None) -> Laye
                 if v in shared:
                     readers.setdefault(v, set()).add(layer)
     stacked = {op.inputs[0] for op in ops if op.prim == "scan_slice" and op.inputs}
-    stacked_suffix = {_suffix(o.path) for o in state if o.outputs[0] in stacked}
     input_layers: dict[int, tuple[int, ...]] = {}
     for op in state:
         v = op.outputs[0]
         if v in block_of_value:
             input_layers[v] = (rank[block_of_value[v]] + 1,)
-        elif scanned and (v in stacked or _suffix(op.path) in stacked_suffix):
+        elif scanned and (v in stacked or twin.get(v) in stacked):
             input_layers[v] = (SPREAD,)  # a stacked block weight, or its optimizer state
         else:
             # Embedding and head weights: held by each layer that reads them (a tied
@@ -273,12 +295,6 @@ def _constants_where_read(ops, constant: set[int], op_layer) -> None:
         if op.id in constant:
             read = {op_layer.get(r, 0) for v in op.outputs for r in readers.get(v, ())}
             op_layer[op.id] = read.pop() if len(read) == 1 else 0
-
-
-def _suffix(path: str) -> str:
-    """A state path without its argument prefix: "[1][0].mu['w']" and "[0]['w']" -> "['w']"."""
-    k = path.find("['")
-    return path[k:] if k >= 0 else path
 
 
 def _label_forward(ops, op_pass, op_layer, anchor, post) -> None:

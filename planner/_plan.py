@@ -72,9 +72,11 @@ class Constraints:
             raise ValueError(f"Constraints.virtual_stages={self.virtual_stages} needs "
                              f"schedule='interleaved' (got {self.schedule!r}).")
         if self.pp == 1 and (self.num_microbatches not in (None, 1) or self.schedule
-                             or self.virtual_stages not in (None, 1)):
+                             or self.virtual_stages not in (None, 1)
+                             or self.remat in ("full", "layers")):
             raise ValueError("Constraints.pp=1 (no pipeline) cannot take num_microbatches, "
-                             "schedule or virtual_stages; leave pp unset or give pp > 1.")
+                             "schedule, virtual_stages or remat (recomputation is planned "
+                             "for pipelines only); leave pp unset or give pp > 1.")
         if self.schedule == "interleaved" and self.virtual_stages == 1:
             raise ValueError("Constraints(schedule='interleaved') runs 2 or more chunks per "
                              "device; give virtual_stages >= 2 or leave it unset.")
@@ -376,9 +378,16 @@ class Plan:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"plan file has a missing or malformed field: {e!r}") from None
         order = plan.device_order
+        v = plan.pipeline.virtual_stages if plan.pipeline else 1
+        if plan.stages and (plan.pipeline is None or not _positive_int(v)
+                            or len(plan.stages) % v):
+            raise ValueError(f"plan file has {len(plan.stages)} stages and pipeline "
+                             f"{d.get('pipeline')!r}: a pipelined plan needs pipeline "
+                             "settings whose virtual_stages (a positive int) divides the "
+                             "stage count; re-save the plan from Plan.to_json.")
         # Every device once: mesh positions map to physical ids (a pipeline lists every
         # stage's devices, stage after stage, a single mesh exactly its own).
-        p = len(plan.stages) // (plan.pipeline.virtual_stages if plan.pipeline else 1)
+        p = len(plan.stages) // v
         want = max(p, 1) * math.prod(plan.mesh_shape)
         if sorted(order) != list(range(want)):
             raise ValueError(f"plan file's device_order {list(order)} is not a permutation of "

@@ -30,18 +30,23 @@ def layout_lines(paths: tuple[str, ...], specs: tuple[str, ...]) -> list[str]:
     container_of, exceptions = _mirrors(paths, spec_of)
     # Each line's key (a container or a layer pattern) in the order of its first array.
     members: dict[tuple[str, str], list[str]] = {}
+    layers_of: dict[str, int] = {}  # layer pattern -> how many arrays have it, in all
     for p in paths:
+        pattern = _LAYER_INDEX.sub("[*]", p)
+        layers_of[pattern] = layers_of.get(pattern, 0) + 1
         c = container_of.get(p)
-        key = ("state", c) if c is not None else ("layers", _LAYER_INDEX.sub("[*]", p))
-        members.setdefault(key, []).append(p)
+        members.setdefault(("state", c) if c is not None else ("layers", pattern),
+                           []).append(p)
     lines = []
     for (kind, key), group in members.items():
         if kind == "state":
             other = "other " if key in exceptions else ""
-            lines.append(f"{key}: each {other}array as its parameter ({len(group)} arrays)")
-        elif len(group) > 1 and len({spec_of[p] for p in group}) == 1:
+            n = len(group)
+            lines.append(f"{key}: each {other}array as its parameter "
+                         f"({n} array{'s' if n > 1 else ''})")
+        elif len(group) == layers_of[key] > 1 and len({spec_of[p] for p in group}) == 1:
             lines.append(f"{key}: {spec_of[group[0]]}")
-        else:  # one array, or layers laid out differently: each on its own line
+        else:  # one array, or not every layer alike: each on its own line
             lines += [f"{p}: {spec_of[p]}" for p in group]
     return lines
 

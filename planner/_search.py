@@ -314,12 +314,16 @@ def pipeline_degrees(n: int, num_layers: int, c: Constraints, per_node: int) -> 
     if c.pp is not None:
         if c.pp == 1:
             return []
-        s = n // c.pp if n % c.pp == 0 else 0
-        if not s or (c.tp and s % c.tp) or (c.dp and s % c.dp) or \
-                (c.tp and c.dp and c.tp * c.dp != s):
+        def holds(s: int) -> bool:  # a stage of s devices holds the pinned tp x dp
+            return not ((c.tp and s % c.tp) or (c.dp and s % c.dp) or
+                        (c.tp and c.dp and c.tp * c.dp != s))
+
+        if n % c.pp or not holds(n // c.pp):
+            fits = [k for k in range(2, n + 1) if n % k == 0 and holds(n // k)]
             raise ValueError(f"Constraints(pp={c.pp}, tp={c.tp}, dp={c.dp}) does not fit "
-                             f"{n} devices: pp x tp x dp must equal the device count (pp "
-                             f"among {[k for k in range(2, n + 1) if n % k == 0]}).")
+                             f"{n} devices: pp x tp x dp must equal the device count ("
+                             + (f"pp among {fits}" if fits else "no pp does with this tp/dp")
+                             + ").")
         if c.pp > num_layers:
             raise ValueError(f"Constraints(pp={c.pp}) asks for more stages than the "
                              f"{num_layers} layers found (embedding, blocks, head).")
@@ -374,12 +378,16 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
         if c.pipeline_only():
             pinned = c.pipeline_only()
             why.append(f"{', '.join(pinned)} appl{'ies' if len(pinned) == 1 else 'y'} to "
-                       "pipelines only, and with pp "
-                       f"unset stages are whole nodes, which {n} devices on "
-                       f"{cluster.num_nodes} node(s) do not make; pin pp (e.g. pp=2)")
+                       "pipelines only, and with pp unset each stage must be whole nodes "
+                       f"holding the pinned tp x dp, which no stage count of {n} devices on "
+                       f"{cluster.num_nodes} node(s) gives; pin pp (e.g. pp=2)")
         return []  # e.g. one node: no stage count fits, so no need to find the layers
     layers = find_layers(view, pairs) if c.pp != 1 else None
     if layers is None:
+        if c.pp is None and c.pipeline_only():
+            why.append(f"{', '.join(c.pipeline_only())} need a pipeline, and this step has "
+                       "no repeated layers to split into stages (no parameters that differ "
+                       "only in a layer index, no scan over layers)")
         if c.pp not in (None, 1):
             raise ValueError(f"Constraints(pp={c.pp}) needs repeated layers to split into "
                              "stages, and none were found in this step (no parameters that "
@@ -647,7 +655,7 @@ def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraint
     shared: dict = {}  # collective times by link structure, for every mesh below
     runs: list[tuple[str, Solved]] = []
     # Pipeline settings pinned (microbatches, schedule, recomputation): only pipelines.
-    flat = constraints.pp in (None, 1) and not constraints.pipeline_only()
+    flat = constraints.pp == 1 or (constraints.pp is None and not constraints.pipeline_only())
     for cand in (candidates(cluster, constraints) if flat else []):
         solved = solve_candidate(view, live, cluster, cand, constraints, options, aliased, limit,
                                  grouping, shared)

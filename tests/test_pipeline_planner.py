@@ -3,6 +3,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import re
 
 import jax
 import numpy as np
@@ -82,6 +83,30 @@ def test_optimizer_state_integers_are_not_layers():
         for info in t.graph.input_info:
             if info.role == "opt_state" and "['blocks'][2]" in info.path:
                 assert layers.input_layers[info.value] == (3,), info.path
+    # Parameters as a list of dicts or a tuple, state nested under dict keys: each
+    # block's state sits with its parameter still.
+    adam = optax.adam(1e-3)
+    multi = optax.multi_transform({"a": adam}, lambda p: jax.tree.map(lambda _: "a", p))
+    ws = [jax.numpy.full((8, 8), 0.1 * (i + 1)) for i in range(3)]
+    for params, tx in (([{"w": w} for w in ws], adam), (tuple(ws), adam),
+                       ({"blocks": [{"w": w} for w in ws]}, multi)):
+        def chain_step(p, o, x, tx=tx):
+            def loss(p):
+                h = x
+                for blk in (p["blocks"] if isinstance(p, dict) else p):
+                    h = jax.numpy.tanh(h @ (blk["w"] if isinstance(blk, dict) else blk))
+                return jax.numpy.sum(h)
+            loss_value, g = jax.value_and_grad(loss)(p)
+            u, o = tx.update(g, o, p)
+            return optax.apply_updates(p, u), o, loss_value
+
+        t = mp.auto_parallel(chain_step).trace(params, tx.init(params), jax.numpy.ones((4, 8)))
+        layers = find_layers(build_view(t.graph, t.pairs), t.pairs)
+        state = {i.path: layers.input_layers[i.value] for i in t.graph.input_info
+                 if i.role == "opt_state" and t.graph.values[i.value].shape}
+        assert len(state) == 6 and all(
+            lay == (int(re.findall(r"\[(\d)\]", path)[-1]) + 1,)
+            for path, lay in state.items()), state
     # Three distinct matrices and a scheduled Adam: no repeated layers at all.
     params = {k: jax.numpy.ones((8, 8)) for k in "abc"}
 
@@ -225,6 +250,8 @@ def test_pipeline_constraints_are_checked_with_remedies():
         mp.Constraints(pp=2, schedule="1f1b", virtual_stages=2)
     with pytest.raises(ValueError, match="pp=1"):
         mp.Constraints(pp=1, num_microbatches=4)
+    with pytest.raises(ValueError, match="pp=1"):
+        mp.Constraints(pp=1, remat="full")
     with pytest.raises(ValueError, match="virtual_stages >= 2"):
         mp.Constraints(schedule="interleaved", virtual_stages=1)
     with pytest.raises(ValueError, match="multiple of pp"):
@@ -240,6 +267,11 @@ def test_pipeline_constraints_are_checked_with_remedies():
             step.plan(*ex.args, constraints=c, compare_baselines=False)
     with pytest.raises(ValueError, match=r"pp among \[2, 4, 8\]"):
         step.plan(*ex.args, constraints=mp.Constraints(pp=3), compare_baselines=False)
+    with pytest.raises(ValueError, match=r"pp among \[2, 4\]\)"):
+        step.plan(*ex.args, constraints=mp.Constraints(pp=8, tp=2), compare_baselines=False)
+    # Trivial pipeline settings with pp=1 still plan the unpipelined mesh.
+    assert not step.plan(*ex.args, constraints=mp.Constraints(pp=1, num_microbatches=1),
+                         compare_baselines=False).stages
     # More stage chunks than layers: said as such, not as "nothing fits in memory".
     from meshplan.planner._search import pipeline_degrees
     pinned = mp.Constraints(pp=4, schedule="interleaved", virtual_stages=2)

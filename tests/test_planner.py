@@ -297,6 +297,13 @@ def test_summary_folds_repeated_layers_and_state_laid_out_as_its_parameter():
         "[1].count: P()",
         "[2]['w']: P('dp',)",  # a later argument never counts as a parameter
     ]
+    # A layer pattern folds only when every array of it is on the line: here layer 0's
+    # state is "as its parameter", so layers 1 and 2 are listed, not shown as [*].
+    paths = tuple(f"[{a}]{m}['b'][{k}]['v']" for a, m in ((0, ""), (1, ".mu")) for k in range(3))
+    assert layout_lines(paths, ("P('tp',)", "P()", "P()", "P('tp',)", "P('dp',)", "P('dp',)")) \
+        == ["[0]['b'][0]['v']: P('tp',)", "[0]['b'][1]['v']: P()", "[0]['b'][2]['v']: P()",
+            "[1].mu: each other array as its parameter (1 array)",
+            "[1].mu['b'][1]['v']: P('dp',)", "[1].mu['b'][2]['v']: P('dp',)"]
     # On a real plan: every layer of the GPT alike, and the data arguments shown.
     ex = make("gpt")
     plan = mp.auto_parallel(ex.train_step, time_limit=2).plan(
