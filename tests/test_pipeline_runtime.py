@@ -127,6 +127,38 @@ def test_a_loss_divided_by_a_data_dependent_count_is_refused_not_combined_wrongl
     assert abs(float(out[2]) - float(ref[2])) < 1e-2 * abs(float(ref[2]))
 
 
+def test_a_gradient_zero_on_the_probed_microbatches_combines_as_the_others_do():
+    """A weight only some later samples reach (here: flagged ones) has a zero gradient on
+    the two microbatches the executor probes; it is averaged like every other value."""
+    import jax.numpy as jnp
+    import optax
+    k = jax.random.split(jax.random.key(1), 7)
+    params = {"embed": jax.random.normal(k[0], (16, 32)) * 0.1,
+              "blocks": [{"w": jax.random.normal(k[i + 1], (32, 32)) * 0.2}
+                         for i in range(4)],
+              "head": jax.random.normal(k[5], (32, 1)) * 0.1,
+              "flagged": jax.random.normal(k[6], (32, 1)) * 0.1}
+    tx = optax.sgd(0.1)
+    batch = {"x": jax.random.normal(k[0], (8, 16)), "y": jnp.linspace(0, 1, 8)[:, None],
+             "flag": jnp.array([0, 0, 0, 0, 1, 1, 0, 1], jnp.float32)}
+
+    def step(p, o, batch):
+        def loss_fn(p):
+            h = batch["x"] @ p["embed"]
+            for blk in p["blocks"]:
+                h = h + jnp.tanh(h @ blk["w"])
+            out = h @ p["head"] + batch["flag"][:, None] * (h @ p["flagged"])
+            return jnp.mean(jnp.square(out - batch["y"]))
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+
+    args = (params, tx.init(params), batch)
+    ref = jax.jit(step)(*args)
+    out = mp.auto_parallel(step, constraints=mp.Constraints(pp=2, num_microbatches=4))(*args)
+    assert _rel(out[0], ref[0]) < 1e-5 and _rel(out[2], ref[2]) < 1e-5  # params, loss
+
+
 def test_microbatches_that_do_not_divide_the_batch_are_refused_with_the_reason():
     ex = make("gpt", layers=4)  # batch 8
     step = mp.auto_parallel(ex.train_step)
