@@ -363,12 +363,10 @@ def _scan_passes(graph, view, layers) -> dict[int, str]:
 
 def _microbatch_weights(step, args, micro_args, double_args, tm, wanted, m) -> dict:
     """Per value combined over microbatches: 1/m if it averages over the batch, 1 if it
-    sums. Measured: the step runs on the first two microbatches, each alone and both
-    together; a mean of the two is a mean, their sum a sum. Anything else (a loss divided
-    by a data-dependent count, such as a masked mean) is refused: a pipeline cannot
-    combine it from its microbatches."""
-    from meshplan.runtime import Interpreter
-    from meshplan.runtime._apply import read_value
+    sums. Measured: the step runs on two microbatches, each alone and both together; a
+    mean of the two is a mean, their sum a sum. A value zero on both is probed on the
+    next pair. Anything else (a loss divided by a data-dependent count, such as a masked
+    mean) is refused: a pipeline cannot combine it from its microbatches."""
     if not wanted:
         return {}
     if m == 1:  # one microbatch: nothing to combine
@@ -382,79 +380,85 @@ def _microbatch_weights(step, args, micro_args, double_args, tm, wanted, m) -> d
     twin = {v: w for a, b in zip(gm.nodes, gd.nodes) for v, w in zip(a.outputs, b.outputs)}
     leaves = jax.tree_util.tree_leaves(step._split(args)[0])
     micro = jax.tree_util.tree_leaves(step._split(micro_args)[0])
-    first, second, both = [], [], []
-    for x, shape, info in zip(leaves, micro, gm.input_info):
-        if info.role == "data":  # microbatches 0 and 1, alone and together
-            b = shape.shape[0]
-            first.append(x[:b])
-            second.append(x[b:2 * b])
-            both.append(x[:2 * b])
-        else:
-            first.append(x)
-            second.append(x)
-            both.append(x)
+    data = [info.role == "data" for info in gm.input_info]
+    b = next(x.shape[0] for x, d in zip(micro, data) if d)
+    run_one, run_two = _value_runner(gm), _value_runner(gd)
+    # Rounding is not a third way of combining: a value computed in a narrow float
+    # anywhere in the step (bfloat16 activations under float32 weights) carries its
+    # error. The example GPT's bfloat16 gradients are off the mean by up to 0.018.
+    eps = max([float(jnp.finfo(val.dtype).eps) for val in gm.values.values()
+               if jnp.issubdtype(val.dtype, jnp.floating)] or [0.0])
+    tol = max(_COMBINE_TOLERANCE, 8 * eps)
 
-    def values(graph, ids, ins):
-        it = Interpreter(graph, _Bare(), None)
+    def pick(first: int, end: int) -> list:
+        """The arguments with the data cut to microbatches first..end-1."""
+        return [x[first * b:end * b] if d else x for x, d in zip(leaves, data)]
 
-        def run(*a):
-            env = dict(zip(graph.inputs, a))
-            for node in graph.nodes:
-                ins = [read_value(graph, env, v) for v in node.inputs]
-                env.update(zip(node.outputs, it._eval(node, ins)))
-            return [env[v] for v in ids]
-        return [np.asarray(o, np.float64) for o in jax.jit(run)(*ins)]
-
-    one = values(gm, wanted, first)
-    other = values(gm, wanted, second)
-    two = values(gd, [twin[v] for v in wanted], both)
     out: dict[int, float] = {}
-    for v, x, y, z in zip(wanted, one, other, two):
-        if not np.any(z):
-            continue  # zero on both microbatches: says nothing (decided below)
-        # Rounding in the value's own precision is not a third way of combining: the
-        # example GPT's bfloat16 gradients are off the mean by up to 0.018 (2.3 eps).
-        dtype = gm.values[v].dtype
-        tol = max(_COMBINE_TOLERANCE, 8 * float(jnp.finfo(dtype).eps)) \
-            if jnp.issubdtype(dtype, jnp.floating) else _COMBINE_TOLERANCE
-        size = float(np.linalg.norm(z))
-        off_mean = float(np.linalg.norm(z - (x + y) / 2)) / size
-        off_sum = float(np.linalg.norm(z - (x + y))) / size
-        if off_mean < tol and off_mean <= off_sum:
-            out[v] = 1.0 / m
-        elif off_sum < tol:
-            out[v] = 1.0
-        else:
-            what = (f"the step's result #{tm.graph.outputs.index(v)}"
-                    if v in tm.graph.outputs else
-                    f"a value of shape {gm.values[v].shape} the backward pass hands to the "
-                    "update (a gradient)")
-            raise ValueError(
-                f"{what} is neither the mean nor the sum of its values on the microbatches "
-                f"(off the mean by {off_mean:.3g}, off the sum by {off_sum:.3g}, relative): "
-                "it depends on the batch as a whole, as a loss divided by a data-dependent "
-                "count (a masked mean) does, and a pipeline cannot combine it from its "
-                "microbatches. Divide by a count that does not depend on the data (e.g. "
-                "the batch's token count), or plan with Constraints(pp=1).")
-    # A value zero on both microbatches (an expert no token reached yet) combines as the
-    # others do; if they disagree, it cannot be told.
-    undecided = [v for v in wanted if v not in out]
-    agreed = set(out.values())
-    if undecided and len(agreed) > 1:
-        raise ValueError(
-            f"a value of shape {gm.values[undecided[0]].shape} is zero on the first two "
-            "microbatches, and the step both averages and sums other values over the "
-            "batch, so a pipeline cannot tell how to combine it; plan with "
-            "Constraints(pp=1).")
-    weight = agreed.pop() if agreed else 1.0 / m
-    out.update({v: weight for v in undecided})
-    return out
+    for k in range(0, m - 1, 2):  # microbatches k and k+1, while some value is undecided
+        left = [v for v in wanted if v not in out]
+        if not left:
+            break
+        one = run_one(left, pick(k, k + 1))
+        other = run_one(left, pick(k + 1, k + 2))
+        two = run_two([twin[v] for v in left], pick(k, k + 2))
+        for v, x, y, z in zip(left, one, other, two):
+            if np.any(z):
+                out[v] = _combining_weight(v, x, y, z, m, tol, gm, tm.graph.outputs)
+    # Zero on every pair probed: any weight combines it to zero.
+    return {v: out.get(v, 1.0 / m) for v in wanted}
+
+
+def _value_runner(graph):
+    """run(ids, inputs) -> the float64 values of `ids` when `graph` runs on `inputs`
+    (unsharded, one program per set of ids)."""
+    from meshplan.runtime import Interpreter
+    from meshplan.runtime._apply import read_value
+    it = Interpreter(graph, _Bare(), None)
+    cache: dict[tuple, Callable] = {}
+
+    def run(ids, ins):
+        key = tuple(ids)
+        if key not in cache:
+            def values(*a):
+                env = dict(zip(graph.inputs, a))
+                for node in graph.nodes:
+                    env.update(zip(node.outputs, it._eval(
+                        node, [read_value(graph, env, v) for v in node.inputs])))
+                return [env[v] for v in ids]
+            cache[key] = jax.jit(values)
+        return [np.asarray(o, np.float64) for o in cache[key](*ins)]
+    return run
+
+
+def _combining_weight(v, x, y, z, m, tol, graph, outputs) -> float:
+    """1/m if `z` (two microbatches together) is the mean of `x` and `y` (each alone), 1 if
+    their sum; else a ValueError naming the value and the likely cause."""
+    size = float(np.linalg.norm(z))
+    off_mean = float(np.linalg.norm(z - (x + y) / 2)) / size
+    off_sum = float(np.linalg.norm(z - (x + y))) / size
+    if off_mean < tol and off_mean <= off_sum:
+        return 1.0 / m
+    if off_sum < tol:
+        return 1.0
+    what = (f"the step's result #{outputs.index(v)} (in jax.tree.leaves order)"
+            if v in outputs else
+            f"a value of shape {graph.values[v].shape} the backward pass hands to the update "
+            "(a gradient)")
+    raise ValueError(
+        f"{what} is neither the mean nor the sum of its values on the microbatches (off "
+        f"the mean by {off_mean:.3g}, off the sum by {off_sum:.3g}, relative): it depends "
+        "on the batch as a whole, as a loss divided by a data-dependent count (a masked "
+        "mean) or a term not scaled by the batch (a regularizer added to a summed loss) "
+        "does, and a pipeline cannot combine it from its microbatches. Divide by a count "
+        "that does not depend on the data (e.g. the batch's token count), scale such terms "
+        "with the batch, or plan with Constraints(pp=1).")
 
 
 # Relative error (in norm) below which a value counts as the mean or the sum of its
-# microbatches' values, for float32 and wider (narrower floats: 8 times their epsilon):
-# rounding of a gradient summed in another order stays well below it; a masked mean over
-# unevenly padded microbatches is off by tens of %.
+# microbatches' values, for float32 and wider (a step computing in narrower floats: 8
+# times their epsilon): rounding of a gradient summed in another order stays well below
+# it; a masked mean over unevenly padded microbatches is off by tens of %.
 _COMBINE_TOLERANCE = 1e-3
 
 

@@ -104,21 +104,23 @@ def _blocks_of_state(state, twin: dict[int, int]) -> dict[int, int]:
 
 
 def _twins(state, values) -> dict[int, int]:
-    """Optimizer-state value -> the parameter of its shape whose path its own ends with,
-    argument position stripped (`[1][0].mu['blocks'][3]['w']` ends with
-    `[0]['blocks'][3]['w']`'s `['blocks'][3]['w']`); the longest such ending wins."""
+    """Optimizer-state value -> its parameter: the one whose path (argument position
+    stripped) its own ends with (`[1][0].mu['blocks'][3]['w']` ends with
+    `[0]['blocks'][3]['w']`'s `['blocks'][3]['w']`), longest ending first; of the same
+    shape if one is (Adam's moments), else through a dict key (Adafactor's factored
+    moments, `...v_row['blocks'][3]['w']`). A bare index is not enough: a scalar step
+    count at `[1][0]` is no twin of a parameter `[0][0]`."""
     params = {_strip_argument(op.path): op.outputs[0] for op in state if op.role == "param"}
     out: dict[int, int] = {}
     for op in state:
         if op.role != "opt_state":
             continue
         v, rest = op.outputs[0], _strip_argument(op.path)
-        for i, ch in enumerate(rest):
-            p = params.get(rest[i:]) if ch in "[." else None
-            # Same shape: a scalar step count at `[1][0]` is no twin of a parameter `[0][0]`.
-            if p is not None and values[p].shape == values[v].shape:
-                out[v] = p
-                break
+        starts = [i for i, ch in enumerate(rest) if ch in "[." and rest[i:] in params]
+        same = [i for i in starts if values[params[rest[i:]]].shape == values[v].shape]
+        keyed = [i for i in starts if "['" in rest[i:]]
+        if same or keyed:  # starts are in order: the longest ending first
+            out[v] = params[rest[(same or keyed)[0]:]]
     return out
 
 

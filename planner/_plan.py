@@ -379,11 +379,11 @@ class Plan:
             raise ValueError(f"plan file has a missing or malformed field: {e!r}") from None
         order = plan.device_order
         v = plan.pipeline.virtual_stages if plan.pipeline else 1
-        if plan.stages and (plan.pipeline is None or not _positive_int(v)
-                            or len(plan.stages) % v):
+        if bool(plan.stages) != (plan.pipeline is not None) or not _positive_int(v) or \
+                len(plan.stages) % v:
             raise ValueError(f"plan file has {len(plan.stages)} stages and pipeline "
-                             f"{d.get('pipeline')!r}: a pipelined plan needs pipeline "
-                             "settings whose virtual_stages (a positive int) divides the "
+                             f"{d.get('pipeline')!r}: stages and pipeline settings come "
+                             "together, and virtual_stages (a positive int) divides the "
                              "stage count; re-save the plan from Plan.to_json.")
         # Every device once: mesh positions map to physical ids (a pipeline lists every
         # stage's devices, stage after stage, a single mesh exactly its own).

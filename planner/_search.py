@@ -319,7 +319,8 @@ def pipeline_degrees(n: int, num_layers: int, c: Constraints, per_node: int) -> 
                         (c.tp and c.dp and c.tp * c.dp != s))
 
         if n % c.pp or not holds(n // c.pp):
-            fits = [k for k in range(2, n + 1) if n % k == 0 and holds(n // k)]
+            fits = [k for k in range(2, min(n, num_layers) + 1)
+                    if n % k == 0 and holds(n // k)]
             raise ValueError(f"Constraints(pp={c.pp}, tp={c.tp}, dp={c.dp}) does not fit "
                              f"{n} devices: pp x tp x dp must equal the device count ("
                              + (f"pp among {fits}" if fits else "no pp does with this tp/dp")
