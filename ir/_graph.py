@@ -47,6 +47,16 @@ class InputInfo:
     role: str
 
 
+def split_path(path: str) -> tuple[int, str]:
+    """An InputInfo path as (argument position, the rest): "[1][0].mu" -> (1, "[0].mu");
+    (-1, path) for a path without the leading position."""
+    if not path.startswith("[") or "]" not in path:
+        return -1, path
+    end = path.index("]")
+    head = path[1:end]
+    return (int(head), path[end + 1:]) if head.isdigit() else (-1, path)
+
+
 @dataclasses.dataclass(eq=False)
 class Node:
     """One operation. `dims` says how output dims relate to operand dims (None: opaque)."""

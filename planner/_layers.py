@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from meshplan.ir._graph import split_path
 from meshplan.planner._ops import PlanningView, batch_dims
 
 __all__ = ["Layers", "SPREAD", "find_layers"]
@@ -110,23 +111,18 @@ def _twins(state, values) -> dict[int, int]:
     shape if one is (Adam's moments), else through a dict key (Adafactor's factored
     moments, `...v_row['blocks'][3]['w']`). A bare index is not enough: a scalar step
     count at `[1][0]` is no twin of a parameter `[0][0]`."""
-    params = {_strip_argument(op.path): op.outputs[0] for op in state if op.role == "param"}
+    params = {split_path(op.path)[1]: op.outputs[0] for op in state if op.role == "param"}
     out: dict[int, int] = {}
     for op in state:
         if op.role != "opt_state":
             continue
-        v, rest = op.outputs[0], _strip_argument(op.path)
+        v, rest = op.outputs[0], split_path(op.path)[1]
         starts = [i for i, ch in enumerate(rest) if ch in "[." and rest[i:] in params]
         same = [i for i in starts if values[params[rest[i:]]].shape == values[v].shape]
         keyed = [i for i in starts if "['" in rest[i:]]
         if same or keyed:  # starts are in order: the longest ending first
             out[v] = params[rest[(same or keyed)[0]:]]
     return out
-
-
-def _strip_argument(path: str) -> str:
-    """A pytree path without its leading argument position: "[1][0].mu" -> "[0].mu"."""
-    return path[path.index("]") + 1:] if path.startswith("[") else path
 
 
 def _template(split: list[str], j: int) -> str:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import re
 
+from meshplan.ir._graph import split_path
+
 # An integer subscript right after a string subscript: a layer index (`['blocks'][3]`),
 # not a tuple position such as an optax state's `[0]`.
 _LAYER_INDEX = re.compile(r"(?<='\])\[(\d+)\]")
-# The argument position every path starts with: `[1]`.
-_ARGUMENT = re.compile(r"^\[\d+\]")
 
 
 def layout_lines(paths: tuple[str, ...], specs: tuple[str, ...]) -> list[str]:
@@ -60,12 +60,12 @@ def _mirrors(paths, spec_of) -> tuple[dict[str, str], set[str]]:
     """
     by_rest: dict[str, tuple[int, str]] = {}
     for p in paths:
-        arg, rest = _split(p)
+        arg, rest = split_path(p)
         by_rest.setdefault(rest, (arg, p))
     found: dict[str, str] = {}
     exceptions: set[str] = set()
     for p in paths:
-        arg, rest = _split(p)
+        arg, rest = split_path(p)
         for i in range(1, len(rest)):
             if rest[i] != "[":
                 continue
@@ -79,9 +79,3 @@ def _mirrors(paths, spec_of) -> tuple[dict[str, str], set[str]]:
                 exceptions.add(container)
             break
     return found, exceptions
-
-
-def _split(path: str) -> tuple[int, str]:
-    """(argument position, the rest of the path); position -1 if the path has none."""
-    m = _ARGUMENT.match(path)
-    return (int(m.group(0)[1:-1]), path[m.end():]) if m else (-1, path)

@@ -375,9 +375,9 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
     layers, with the best split, microbatches, schedule, remat and ZeRO stage."""
     n = cluster.num_devices
     per_node = len(cluster.devices_of_node(cluster.node_of[0]))
+    pinned = c.pipeline_only()
     if c.pp is None and not pipeline_degrees(n, n, c, per_node):
-        if c.pipeline_only():
-            pinned = c.pipeline_only()
+        if pinned:
             why.append(f"{', '.join(pinned)} appl{'ies' if len(pinned) == 1 else 'y'} to "
                        "pipelines only, and with pp unset each stage must be whole nodes "
                        f"holding the pinned tp x dp, which no stage count of {n} devices on "
@@ -385,8 +385,8 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
         return []  # e.g. one node: no stage count fits, so no need to find the layers
     layers = find_layers(view, pairs) if c.pp != 1 else None
     if layers is None:
-        if c.pp is None and c.pipeline_only():
-            why.append(f"{', '.join(c.pipeline_only())} need a pipeline, and this step has "
+        if c.pp is None and pinned:
+            why.append(f"{', '.join(pinned)} need a pipeline, and this step has "
                        "no repeated layers to split into stages (no parameters that differ "
                        "only in a layer index, no scan over layers)")
         if c.pp not in (None, 1):

@@ -68,6 +68,28 @@ def test_a_scanned_gpt_has_the_same_layers_as_the_unrolled_one():
                 fu.get((phase, edge), 0.0), abs=0.01 * blocks_u / 4)
 
 
+def _optax_step_layers(loss, tx, params):
+    """find_layers of an optax step minimising loss(params, x), x of shape (4, 8), and
+    the layers it gives each optimizer-state array that is not a scalar (by path)."""
+    import optax
+
+    def step(p, o, x):
+        value, g = jax.value_and_grad(loss)(p, x)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, value
+
+    t = mp.auto_parallel(step).trace(params, tx.init(params), jax.numpy.ones((4, 8)))
+    layers = find_layers(build_view(t.graph, t.pairs), t.pairs)
+    state = {i.path: layers.input_layers[i.value] for i in t.graph.input_info
+             if layers is not None and i.role == "opt_state" and t.graph.values[i.value].shape}
+    return layers, state
+
+
+def _block_of_path(path: str) -> tuple[int]:
+    """The layer of block k, from the last index in the path: (k + 1,)."""
+    return (int(re.findall(r"\[(\d)\]", path)[-1]) + 1,)
+
+
 def test_optimizer_state_integers_are_not_layers():
     """optax's chain positions (`[1][0].count`, `[1][2].count` with a learning-rate
     schedule) differ in one integer too; only parameter paths name blocks."""
@@ -88,59 +110,34 @@ def test_optimizer_state_integers_are_not_layers():
     adam = optax.adam(1e-3)
     multi = optax.multi_transform({"a": adam}, lambda p: jax.tree.map(lambda _: "a", p))
     ws = [jax.numpy.full((8, 8), 0.1 * (i + 1)) for i in range(3)]
+
+    def hidden(p, x):  # the blocks, each a tanh layer
+        for blk in (p["blocks"] if isinstance(p, dict) else p):
+            x = jax.numpy.tanh(x @ (blk["w"] if isinstance(blk, dict) else blk))
+        return x
+
     for params, tx in (([{"w": w} for w in ws], adam), (tuple(ws), adam),
                        ({"blocks": [{"w": w} for w in ws]}, multi)):
-        def chain_step(p, o, x, tx=tx):
-            def loss(p):
-                h = x
-                for blk in (p["blocks"] if isinstance(p, dict) else p):
-                    h = jax.numpy.tanh(h @ (blk["w"] if isinstance(blk, dict) else blk))
-                return jax.numpy.sum(h)
-            loss_value, g = jax.value_and_grad(loss)(p)
-            u, o = tx.update(g, o, p)
-            return optax.apply_updates(p, u), o, loss_value
-
-        t = mp.auto_parallel(chain_step).trace(params, tx.init(params), jax.numpy.ones((4, 8)))
-        layers = find_layers(build_view(t.graph, t.pairs), t.pairs)
-        state = {i.path: layers.input_layers[i.value] for i in t.graph.input_info
-                 if i.role == "opt_state" and t.graph.values[i.value].shape}
-        assert len(state) == 6 and all(
-            lay == (int(re.findall(r"\[(\d)\]", path)[-1]) + 1,)
-            for path, lay in state.items()), state
+        _, state = _optax_step_layers(lambda p, x: jax.numpy.sum(hidden(p, x)), tx, params)
+        assert len(state) == 6 and all(lay == _block_of_path(path)
+                                       for path, lay in state.items()), state
     # Adafactor's factored moments have other shapes than their parameter: still found
     # through the path's dict keys.
     fact = optax.adafactor(1e-3, min_dim_size_to_factor=4)
     params = {"embed": jax.numpy.ones((8, 8)), "blocks": [{"w": w} for w in ws],
               "head": jax.numpy.ones((8, 2))}
 
-    def fact_step(p, o, x):
-        def loss(p):
-            h = x @ p["embed"]
-            for blk in p["blocks"]:
-                h = jax.numpy.tanh(h @ blk["w"])
-            return jax.numpy.sum(h @ p["head"])
-        loss_value, g = jax.value_and_grad(loss)(p)
-        u, o = fact.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss_value
-
-    t = mp.auto_parallel(fact_step).trace(params, fact.init(params), jax.numpy.ones((4, 8)))
-    layers = find_layers(build_view(t.graph, t.pairs), t.pairs)
-    state = {i.path: layers.input_layers[i.value] for i in t.graph.input_info
-             if i.role == "opt_state" and t.graph.values[i.value].shape}
+    _, state = _optax_step_layers(
+        lambda p, x: jax.numpy.sum(hidden(p, x @ p["embed"]) @ p["head"]), fact, params)
     assert len(state) == 15
     for path, lay in state.items():
         if "blocks" in path:
-            assert lay == (int(re.findall(r"\[(\d)\]", path)[-1]) + 1,), (path, lay)
+            assert lay == _block_of_path(path), (path, lay)
     # Three distinct matrices and a scheduled Adam: no repeated layers at all.
     params = {k: jax.numpy.ones((8, 8)) for k in "abc"}
-
-    def mlp_step(p, o, x):
-        loss, g = jax.value_and_grad(lambda p: jax.numpy.sum(x @ p["a"] @ p["b"] @ p["c"]))(p)
-        u, o = sched.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss
-
-    t = mp.auto_parallel(mlp_step).trace(params, sched.init(params), jax.numpy.ones((4, 8)))
-    assert find_layers(build_view(t.graph, t.pairs), t.pairs) is None
+    layers, _ = _optax_step_layers(lambda p, x: jax.numpy.sum(x @ p["a"] @ p["b"] @ p["c"]),
+                                   sched, params)
+    assert layers is None
 
 
 def test_a_model_without_repeated_layers_cannot_be_pipelined_and_says_so():
