@@ -92,8 +92,13 @@ def collectives(problem: Problem, choice, a: Assignment) -> list[tuple[Comm, flo
 
 
 def evaluate(problem: Problem, choice, live: Liveness | None, aliased: frozenset[int] = frozenset(),
-             axis_names: tuple[str, ...] | None = None) -> tuple[Cost, Assignment]:
-    """Cost of `choice`: strategies' own costs plus resharding, each distinct reshard once."""
+             axis_names: tuple[str, ...] | None = None, ynn: bool | None = None
+             ) -> tuple[Cost, Assignment]:
+    """Cost of `choice`: strategies' own costs plus resharding, each distinct reshard once.
+
+    `ynn`: count the broadcasts XLA:CPU's YNNPACK reductions read as buffers (default: when
+    every device of the mesh is a CPU).
+    """
     a = assign(problem, choice)
     mesh_shape = problem.mesh_shape
     comm = problem.comm
@@ -126,8 +131,11 @@ def evaluate(problem: Problem, choice, live: Liveness | None, aliased: frozenset
     scatters = any(c.kind == "reduce-scatter" for c, _, _ in comms)
     # Without a liveness timeline (a pipeline stage's plan, whose memory is counted per
     # layer by the pipeline model) the whole-step memory is not computed.
+    if ynn is None:  # YNNPACK reductions, and the broadcasts they read, are XLA:CPU's
+        ynn = all(comm.cluster.devices[i].kind == "cpu" for i in comm.mesh.device_ids)
     mem = MemoryBreakdown(0.0, 0.0, 0.0, 0.0) if live is None else \
-        memory(problem.view, live, a.value_layout, mesh_shape, aliased, a.op_layouts, scatters)
+        memory(problem.view, live, a.value_layout, mesh_shape, aliased, a.op_layouts, scatters,
+               ynn)
     step = compute + sum(mult * comm.time(c.kind, c.nbytes, c.axes) for c, mult, _ in comms)
     cost = Cost(step, flops, sent, mem.peak, tuple(breakdown.items()),
                 (("argument", mem.argument), ("output", mem.output), ("temp", mem.temp),

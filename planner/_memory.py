@@ -24,8 +24,10 @@ checked buffer by buffer against XLA's buffer-assignment dumps of the example mo
    all-reduce + slice, as on XLA:CPU), each value moved to another layout (once per value
    and layout, from its first to its last reader there, as XLA CSEs the collectives; a
    parameter read by a loop is moved before the loop and kept for every loop that reads it
-   so), a relayout copy next to a collective whose result is not in the target layout, and
-   a result computed in another layout than the one it is returned in.
+   so), a relayout copy next to a collective whose result is not in the target layout, a
+   result computed in another layout than the one it is returned in, and on XLA:CPU a
+   broadcast that a YNNPACK reduction reads as a buffer (`_ynn_broadcasts`: whether a
+   reduction is big enough for YNNPACK depends on the layouts).
 4. Buffer assignment packs them. Each result of the step gets its own allocation
    (`output`, plus the results tuple's pointers), and XLA reuses those allocations for
    temporaries that die before the result is written; what does not fit goes to one heap
@@ -74,6 +76,22 @@ _EXPENSIVE = frozenset({"exp", "exp2", "log", "log1p", "expm1", "tanh", "logisti
                         "rsqrt", "cbrt", "pow", "atan2", "erf", "erfc", "erf_inv", "div",
                         "rem", "lgamma", "digamma", "tan", "asin", "acos", "atan", "sinh",
                         "cosh", "asinh", "acosh", "atanh"})
+# XLA:CPU (jax 0.10.2) hands a float sum/max/min reduction to YNNPACK when it or its
+# operand has at least this many elements per device (`IsInstructionPreferredByYnn`,
+# kMinElements, xla/backends/cpu/ynn_support.cc). Such a "ynn" fusion takes in only the
+# operations YNNPACK has (below) and only those with no other reader: a broadcast that
+# other fusions read too is written out whole as a buffer of its own and read by it. In
+# the GPT's LayerNorm backward that is the scale and the 1/sigma broadcast to the
+# activation's shape, four per block (seen in XLA's buffer assignment: under tp=8, on a
+# 16-block GPT, they were the 0.26 MB per block the model had missed, pred/meas 0.70).
+_YNN_MIN_ELEMENTS = 4096
+_YNN_REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min"})
+# Element-wise and layout operations a ynn fusion takes in (YNNPACK's unary and binary
+# operator maps, reshape, transpose, broadcast), by their jaxpr names.
+_YNN_ELEMENTWISE = frozenset(
+    "add add_any sub mul div max min pow integer_pow square abs ceil convert_element_type "
+    "cos erf exp expm1 floor log log1p logistic neg round rsqrt sign sin sqrt tanh tan "
+    "reshape squeeze expand_dims transpose broadcast_in_dim".split())
 # Bytes per element of the tuple XLA returns the results in (a 64-bit pointer each):
 # `output_size - sum of result bytes` is 8 x results on every example model (XLA:CPU).
 _TUPLE_POINTER_BYTES = 8
@@ -588,14 +606,16 @@ def _sizes(view, live: Liveness, layout_of, mesh_shape) -> np.ndarray:
 def memory(view: PlanningView, live: Liveness, layout_of: dict[int, Layout], mesh_shape,
            aliased: frozenset[int] = frozenset(),
            op_layouts: dict[int, tuple[tuple[Layout, ...], tuple[Layout, ...]]] | None = None,
-           reduce_scatter: bool = False) -> MemoryBreakdown:
+           reduce_scatter: bool = False, ynn: bool = False) -> MemoryBreakdown:
     """Per-device memory under the chosen layouts; `aliased` results reuse donated buffers.
 
     With `op_layouts` (op id -> (input layouts, output layouts)), the buffers the plan's
     collectives add are counted too: a partial-sum result before its all-reduce, the
     all-reduced result in full when a reduce-scatter is lowered to all-reduce + slice
     (`reduce_scatter` False, as on XLA:CPU), and each value gathered or moved to another
-    layout (once per value and layout, from its first to its last reader there).
+    layout (once per value and layout, from its first to its last reader there). With
+    `ynn` (XLA:CPU), the broadcasts that YNNPACK reductions read as buffers are counted
+    too (see `_ynn_broadcasts`).
     """
     arg = sum(_bytes(view, v, layout_of[v], mesh_shape) for v in live.args)
     sizes = _sizes(view, live, layout_of, mesh_shape)
@@ -621,6 +641,8 @@ def memory(view: PlanningView, live: Liveness, layout_of: dict[int, Layout], mes
     if op_layouts is not None and len(live.op_first):
         _collective_buffers(view, live, layout_of, mesh_shape, op_layouts, reduce_scatter,
                             sizes, ex_size, ex_start, ex_end)
+    if ynn and len(live.op_first):
+        _ynn_broadcast_buffers(view, live, layout_of, mesh_shape, ex_size, ex_start, ex_end)
     temp_mask = ~is_out
     t_sizes = np.concatenate([sizes[temp_mask], ex_size])
     t_start = np.concatenate([live.start[temp_mask], ex_start]).astype(np.int64)
@@ -628,6 +650,91 @@ def memory(view: PlanningView, live: Liveness, layout_of: dict[int, Layout], mes
     own = is_out & ~is_alias  # results in allocations of their own
     heap = _assign(t_sizes, t_start, t_end, sizes[own], live.start[own])
     return MemoryBreakdown(arg, out, heap, alias)
+
+
+def _ynn_broadcasts(view: PlanningView, live: Liveness) -> list[tuple]:
+    """Implicit broadcasts a YNNPACK reduction may read as a buffer; memoised.
+
+    An element-wise op whose operand has fewer elements than its result (a (B, S, 1)
+    statistic times a (B, S, H) activation) broadcasts it; XLA makes one broadcast of each
+    (operand, shape) for all its readers. When one reader's result goes, through ops a
+    ynn fusion takes in and that have no other reader, into a float reduction, and the
+    broadcast has other readers too, it is a buffer. Returns (operand, a reader's result
+    (its shape and layout), the reduction's operand, first slot, last slot) per such
+    broadcast and reduction; whether the reduction is big enough for YNNPACK depends on
+    the layouts (see `_ynn_broadcast_buffers`).
+    """
+    def make():
+        ops, values = view.ops, view.values
+        _, _, consumers, _, stored = _basics(view)
+        first, last = live.op_first.tolist(), live.op_last.tolist()
+
+        def reduction_fed(v: int) -> int | None:
+            # Follow single-reader ops a ynn fusion takes in, to a float reduction.
+            for _ in range(len(ops)):
+                readers = consumers.get(v, ())
+                if len(readers) != 1 or v in stored:
+                    return None
+                op = ops[readers[0]]
+                if op.kind != "op":
+                    return None
+                if op.prim in _YNN_REDUCE:
+                    ok = np.issubdtype(values[op.inputs[0]].dtype, np.floating)
+                    return readers[0] if ok else None
+                if op.prim not in _YNN_ELEMENTWISE or len(op.outputs) != 1:
+                    return None
+                v = op.outputs[0]
+            return None
+
+        uses: dict[tuple[int, tuple[int, ...]], list[tuple[int, int | None]]] = {}
+        for k, op in enumerate(ops):
+            if op.kind != "op" or op.prim not in _YNN_ELEMENTWISE or len(op.outputs) != 1 \
+                    or first[k] < 0:
+                continue
+            shape = values[op.outputs[0]].shape
+            for u in dict.fromkeys(op.inputs):
+                s = values[u].shape
+                if values[u].is_const or len(s) != len(shape) or s == shape or \
+                        math.prod(s) >= math.prod(shape):
+                    continue
+                uses.setdefault((u, shape), []).append((k, reduction_fed(op.outputs[0])))
+        found = []
+        for (u, _), readers in uses.items():
+            if len(readers) < 2:
+                continue  # a lone reader takes the broadcast into its own fusion
+            s0 = min(first[k] for k, _ in readers)
+            for k, r in readers:
+                if r is not None:
+                    found.append((u, ops[k].outputs[0], ops[r].inputs[0], s0, last[k]))
+        return found
+    return memo_of(view.memo, "ynn broadcasts", live, make)
+
+
+def _ynn_broadcast_buffers(view, live, layout_of, mesh_shape, ex_size, ex_start,
+                           ex_end) -> None:
+    """Add the broadcasts YNNPACK reductions read as buffers (XLA:CPU) to the extra lists:
+    one per broadcast, live from its first reader to its last reduction reader."""
+    spans: dict[tuple, list] = {}
+    for u, w, red, s0, s1 in _ynn_broadcasts(view, live):
+        lay_r, lay_w = layout_of.get(red), layout_of.get(w)
+        if lay_r is None or lay_w is None:
+            continue
+        if math.prod(view.values[red].shape) / shards(lay_r, mesh_shape) < _YNN_MIN_ELEMENTS:
+            continue  # a small reduction stays an XLA loop fusion that computes it inline
+        if shards(lay_w, mesh_shape) > 1:
+            # Seen only for a broadcast whose result is whole on every device (tp=8): with
+            # the batch split (dp=2 x tp=4, dp=4 x tp=2) XLA gives each ynn fusion a
+            # broadcast of its own, taken in.
+            continue
+        key = (u, view.values[w].shape, lay_w)
+        ratio = np.dtype(view.values[u].dtype).itemsize / np.dtype(view.values[w].dtype).itemsize
+        nbytes = _bytes(view, w, lay_w, mesh_shape) * ratio
+        rec = spans.setdefault(key, [nbytes, s0, s1])
+        rec[1], rec[2] = min(rec[1], s0), max(rec[2], s1)
+    for nbytes, s0, s1 in spans.values():
+        ex_size.append(nbytes)
+        ex_start.append(2 * s0)
+        ex_end.append(2 * s1 + 1)
 
 
 def _partial_axes(op, ins) -> set[int]:

@@ -509,7 +509,10 @@ def _stage_pipeline(view, live, cluster: Cluster, c: Constraints, opts: SearchOp
     tp = math.prod(s for a, s in zip(solved.axis_names, cand.mesh.shape)
                    if not a.startswith("dp"))
     if tp not in act_scale:
-        exact, _ = evaluate(solved.problem, solved.result.choice, live, aliased)
+        # Without the broadcasts YNNPACK reductions read as buffers on XLA:CPU: held from a
+        # layer's forward to its backward only when it is not recomputed, they are no
+        # part of the activations this scale applies to under every remat choice.
+        exact, _ = evaluate(solved.problem, solved.result.choice, live, aliased, ynn=False)
         act_scale[tp] = costs.calibrated(exact.peak_memory).act_scale
     costs = dataclasses.replace(costs, act_scale=act_scale[tp])
     per_stage = _stage_costs(costs, solved, view, live, subs, kinds, kinds[lead], layers,
