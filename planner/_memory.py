@@ -90,8 +90,12 @@ _YNN_REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min"})
 # operator maps, reshape, transpose, broadcast), by their jaxpr names.
 _YNN_ELEMENTWISE = frozenset(
     "add add_any sub mul div max min pow integer_pow square abs ceil convert_element_type "
-    "cos erf exp expm1 floor log log1p logistic neg round rsqrt sign sin sqrt tanh tan "
+    "cos erf exp expm1 floor log log1p logistic neg rsqrt sign sin sqrt tanh tan "
     "reshape squeeze expand_dims transpose broadcast_in_dim".split())
+# Element types YNNPACK's element-wise ops take, and the ones its reductions read (the
+# intersection of its sum and max/min lists that keeps the input type or widens to f32).
+_YNN_ELEMENT_TYPES = frozenset({"float64", "float32", "bfloat16", "int8", "uint8"})
+_YNN_REDUCE_TYPES = frozenset({"float64", "float32", "bfloat16"})
 # Bytes per element of the tuple XLA returns the results in (a 64-bit pointer each):
 # `output_size - sum of result bytes` is 8 x results on every example model (XLA:CPU).
 _TUPLE_POINTER_BYTES = 8
@@ -659,10 +663,10 @@ def _ynn_broadcasts(view: PlanningView, live: Liveness) -> list[tuple]:
     statistic times a (B, S, H) activation) broadcasts it; XLA makes one broadcast of each
     (operand, shape) for all its readers. When one reader's result goes, through ops a
     ynn fusion takes in and that have no other reader, into a float reduction, and the
-    broadcast has other readers too, it is a buffer. Returns (operand, a reader's result
-    (its shape and layout), the reduction's operand, first slot, last slot) per such
-    broadcast and reduction; whether the reduction is big enough for YNNPACK depends on
-    the layouts (see `_ynn_broadcast_buffers`).
+    broadcast has other readers too, it is a buffer. Returns (broadcast number, operand, a
+    reader's result (its shape and layout), the reduction's operand, first slot, last
+    slot) per such broadcast and reduction; whether the reduction is big enough for
+    YNNPACK depends on the layouts (see `_ynn_broadcast_buffers`).
     """
     def make():
         ops, values = view.ops, view.values
@@ -679,14 +683,18 @@ def _ynn_broadcasts(view: PlanningView, live: Liveness) -> list[tuple]:
                 if op.kind != "op":
                     return None
                 if op.prim in _YNN_REDUCE:
-                    ok = np.issubdtype(values[op.inputs[0]].dtype, np.floating)
+                    ok = np.dtype(values[op.inputs[0]].dtype).name in _YNN_REDUCE_TYPES
                     return readers[0] if ok else None
-                if op.prim not in _YNN_ELEMENTWISE or len(op.outputs) != 1:
+                if op.prim not in _YNN_ELEMENTWISE or len(op.outputs) != 1 or \
+                        np.dtype(values[op.outputs[0]].dtype).name not in _YNN_ELEMENT_TYPES:
                     return None
                 v = op.outputs[0]
             return None
 
-        uses: dict[tuple[int, tuple[int, ...]], list[tuple[int, int | None]]] = {}
+        loop_of = live.op_loop.tolist() if len(live.op_loop) else [-1] * len(ops)
+        # Per (operand, shape, loop): each loop body is a computation of its own, with its
+        # own broadcasts.
+        uses: dict[tuple, list[tuple[int, int | None]]] = {}
         for k, op in enumerate(ops):
             if op.kind != "op" or op.prim not in _YNN_ELEMENTWISE or len(op.outputs) != 1 \
                     or first[k] < 0:
@@ -697,15 +705,16 @@ def _ynn_broadcasts(view: PlanningView, live: Liveness) -> list[tuple]:
                 if values[u].is_const or len(s) != len(shape) or s == shape or \
                         math.prod(s) >= math.prod(shape):
                     continue
-                uses.setdefault((u, shape), []).append((k, reduction_fed(op.outputs[0])))
+                uses.setdefault((u, shape, loop_of[k]), []).append(
+                    (k, reduction_fed(op.outputs[0])))
         found = []
-        for (u, _), readers in uses.items():
+        for b, ((u, _, _), readers) in enumerate(uses.items()):
             if len(readers) < 2:
                 continue  # a lone reader takes the broadcast into its own fusion
             s0 = min(first[k] for k, _ in readers)
             for k, r in readers:
                 if r is not None:
-                    found.append((u, ops[k].outputs[0], ops[r].inputs[0], s0, last[k]))
+                    found.append((b, u, ops[k].outputs[0], ops[r].inputs[0], s0, last[k]))
         return found
     return memo_of(view.memo, "ynn broadcasts", live, make)
 
@@ -715,7 +724,7 @@ def _ynn_broadcast_buffers(view, live, layout_of, mesh_shape, ex_size, ex_start,
     """Add the broadcasts YNNPACK reductions read as buffers (XLA:CPU) to the extra lists:
     one per broadcast, live from its first reader to its last reduction reader."""
     spans: dict[tuple, list] = {}
-    for u, w, red, s0, s1 in _ynn_broadcasts(view, live):
+    for b, u, w, red, s0, s1 in _ynn_broadcasts(view, live):
         lay_r, lay_w = layout_of.get(red), layout_of.get(w)
         if lay_r is None or lay_w is None:
             continue
@@ -726,7 +735,7 @@ def _ynn_broadcast_buffers(view, live, layout_of, mesh_shape, ex_size, ex_start,
             # the batch split (dp=2 x tp=4, dp=4 x tp=2) XLA gives each ynn fusion a
             # broadcast of its own, taken in.
             continue
-        key = (u, view.values[w].shape, lay_w)
+        key = (b, lay_w)
         ratio = np.dtype(view.values[u].dtype).itemsize / np.dtype(view.values[w].dtype).itemsize
         nbytes = _bytes(view, w, lay_w, mesh_shape) * ratio
         rec = spans.setdefault(key, [nbytes, s0, s1])
