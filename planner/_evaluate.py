@@ -5,7 +5,7 @@ import dataclasses
 
 from meshplan.planner._layout import Comm, Layout, reshard
 from meshplan.planner._memory import Liveness, MemoryBreakdown, memory
-from meshplan.planner._problem import Problem
+from meshplan.planner._problem import Problem, on_xla_cpu, wire_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,8 @@ def collectives(problem: Problem, choice, a: Assignment) -> list[tuple[Comm, flo
         strat = problem.strategies[c][choice[c]]
         out += [(x, len(members) * m, "collective") for x, m in strat.comms]
     seen: set = set()
+    xla_cpu = on_xla_cpu(problem.comm)
+    values = problem.view.values
     for g in problem.groups:
         strat = problem.strategies[g.cls][choice[g.cls]]
         for (mi, k, v, mult), want in zip(g.slots, strat.slots):
@@ -86,8 +88,9 @@ def collectives(problem: Problem, choice, a: Assignment) -> list[tuple[Comm, flo
             if have == want or key in seen:
                 continue
             seen.add(key)
-            out += [(c, mult, "reshard") for c in reshard(problem.view.values[v].nbytes,
-                                                          have, want, problem.mesh_shape)]
+            nbytes = wire_bytes(values[v].nbytes, values[v].dtype, xla_cpu)
+            out += [(c, mult, "reshard") for c in reshard(nbytes, have, want,
+                                                          problem.mesh_shape)]
     return out
 
 
@@ -132,7 +135,7 @@ def evaluate(problem: Problem, choice, live: Liveness | None, aliased: frozenset
     # Without a liveness timeline (a pipeline stage's plan, whose memory is counted per
     # layer by the pipeline model) the whole-step memory is not computed.
     if ynn is None:  # YNNPACK reductions, and the broadcasts they read, are XLA:CPU's
-        ynn = all(comm.cluster.devices[i].kind == "cpu" for i in comm.mesh.device_ids)
+        ynn = on_xla_cpu(comm)
     mem = MemoryBreakdown(0.0, 0.0, 0.0, 0.0) if live is None else \
         memory(problem.view, live, a.value_layout, mesh_shape, aliased, a.op_layouts, scatters,
                ynn)

@@ -351,6 +351,26 @@ def _nbytes(view, v):
     return float(view.values[v].nbytes)
 
 
+def on_xla_cpu(comm: CommModel) -> bool:
+    """Whether every device of the mesh is a CPU (XLA:CPU lowers collectives its own way)."""
+    c = comm.cluster
+    return all(c.devices[i].kind == "cpu" for i in comm.mesh.device_ids)
+
+
+def wire_bytes(nbytes: float, dtype, xla_cpu: bool) -> float:
+    """Bytes a collective moves for a value of `nbytes` and `dtype`.
+
+    XLA:CPU runs the collectives of bfloat16 values in float32, converting before and
+    after: every all-reduce and all-gather of the bfloat16 GPT's compiled program is f32
+    (jax 0.10.2), twice the bytes of the value.
+    """
+    return 2.0 * nbytes if xla_cpu and np.dtype(dtype).name == "bfloat16" else nbytes
+
+
+def _wire_nbytes(view, v, xla_cpu: bool) -> float:
+    return wire_bytes(_nbytes(view, v), view.values[v].dtype, xla_cpu)
+
+
 @dataclasses.dataclass(frozen=True)
 class _OpFacts:
     """What costing an op needs from the view, whatever the mesh: gathered once per op."""
@@ -389,7 +409,7 @@ def _op_cost(op: POp, choice: OpChoice, view, comm: CommModel, device, eff,
     nbytes = facts.traffic / choice.split
     t = _roofline(flops, nbytes, device, facts.dtype, facts.matmul, eff) \
         if flops or nbytes else 0.0
-    comms = [_lowered(c, rs_as_ar) for c in choice.comms]
+    comms = [_lowered(c, rs_as_ar, facts.dtype) for c in choice.comms]
     t += sum(comm.time(c.kind, c.nbytes, c.axes) for c in comms)
     return t, flops, comms
 
@@ -407,11 +427,14 @@ def _roofline(flops, nbytes, device, dtype, is_matmul, eff) -> float:
     return max(flops * per_flop, nbytes * per_byte)
 
 
-def _lowered(c: Comm, rs_as_ar: bool) -> Comm:
-    """XLA:CPU lowers a reduce-scatter to an all-reduce plus a local slice (measured)."""
-    if rs_as_ar and c.kind == "reduce-scatter":
-        return Comm("all-reduce", c.nbytes, c.axes)
-    return c
+def _lowered(c: Comm, rs_as_ar: bool, dtype) -> Comm:
+    """A collective of an op's result as XLA:CPU runs it (`rs_as_ar`: every device is a
+    CPU): a reduce-scatter as an all-reduce plus a local slice (measured), bfloat16 in
+    float32 (`wire_bytes`)."""
+    if not rs_as_ar:
+        return c
+    kind = "all-reduce" if c.kind == "reduce-scatter" else c.kind
+    return Comm(kind, wire_bytes(c.nbytes, dtype, True), c.axes)
 
 
 def _fixed_choice(op: POp, view) -> OpChoice:
@@ -471,7 +494,8 @@ def _propagate(g: Group, head: OpChoice, view, comm, device, eff, rs_as_ar, mesh
                 choice = _choice(op, tuple(() for _ in op.dims.loop_sizes), view, mesh_shape)
         for k, v in enumerate(op.inputs):
             if v in layout and choice.in_layouts[k] != layout[v]:
-                for c in reshard(_nbytes(view, v), layout[v], choice.in_layouts[k], mesh_shape):
+                for c in reshard(_wire_nbytes(view, v, rs_as_ar), layout[v],
+                                 choice.in_layouts[k], mesh_shape):
                     time += op.mult * comm.time(c.kind, c.nbytes, c.axes)
                     comms.append((c, op.mult))
         if op.kind != "input":
@@ -522,7 +546,7 @@ def build_problem(view: PlanningView, comm: CommModel, device, eff: Efficiency,
         if weight_moves != 1.0 and batch_free(view, v_rep):
             mult = mult * weight_moves
         edge = _edge(pc, gc, strategies[pc], strategies[gc], pi, si,
-                     _nbytes(view, v_rep), mult, comm, mesh_shape)
+                     _wire_nbytes(view, v_rep, rs_as_ar), mult, comm, mesh_shape)
         if pc == gc:  # consecutive repeated layers: both ends take the same strategy
             self_cost[gc] = self_cost[gc] + np.diag(edge.matrix())
         elif edge.cost.any():
