@@ -361,8 +361,9 @@ def wire_bytes(nbytes: float, dtype, xla_cpu: bool) -> float:
     """Bytes a collective moves for a value of `nbytes` and `dtype`.
 
     XLA:CPU runs the collectives of bfloat16 values in float32, converting before and
-    after: every all-reduce and all-gather of the bfloat16 GPT's compiled program is f32
-    (jax 0.10.2), twice the bytes of the value.
+    after, twice the bytes of the value (jax 0.10.2: every all-reduce and all-gather of
+    the bfloat16 GPT's compiled program is f32, and so are a bfloat16 all-to-all and
+    collective-permute).
     """
     return 2.0 * nbytes if xla_cpu and np.dtype(dtype).name == "bfloat16" else nbytes
 
