@@ -485,6 +485,9 @@ def _propagate(g: Group, head: OpChoice, view, comm, device, eff, rs_as_ar, mesh
     ops = []
     time = flops = 0.0
     comms: list[tuple[Comm, int]] = []
+    # XLA moves a value to a layout once however many ops of the group read it so (CSE):
+    # the forward and backward loops of a scanned model slice one gathered stack.
+    moved: set[tuple[int, Layout, int]] = set()
     for mi, op in enumerate(g.members):
         if mi == 0:
             choice = head
@@ -494,7 +497,9 @@ def _propagate(g: Group, head: OpChoice, view, comm, device, eff, rs_as_ar, mesh
             if choice is None:  # e.g. a merge that would split a minor dim: gather first
                 choice = _choice(op, tuple(() for _ in op.dims.loop_sizes), view, mesh_shape)
         for k, v in enumerate(op.inputs):
-            if v in layout and choice.in_layouts[k] != layout[v]:
+            if v in layout and choice.in_layouts[k] != layout[v] and \
+                    (v, choice.in_layouts[k], op.mult) not in moved:
+                moved.add((v, choice.in_layouts[k], op.mult))
                 for c in reshard(_wire_nbytes(view, v, rs_as_ar), layout[v],
                                  choice.in_layouts[k], mesh_shape):
                     time += op.mult * comm.time(c.kind, c.nbytes, c.axes)
