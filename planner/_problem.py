@@ -453,9 +453,12 @@ def _choice(op: POp, loops, view, mesh_shape, scatter=None) -> OpChoice | None:
 
 
 def group_strategies(g: Group, view: PlanningView, comm: CommModel, mesh_shape, device,
-                     eff: Efficiency, restrict: Restrictions, rs_as_ar: bool
-                     ) -> list[GroupStrategy]:
-    """Every strategy of a group: the leader's choices, followers propagated through each."""
+                     eff: Efficiency, restrict: Restrictions, rs_as_ar: bool,
+                     one_program: bool = True) -> list[GroupStrategy]:
+    """Every strategy of a group: the leader's choices, followers propagated through each.
+
+    `one_program`: the step is one XLA program (not a pipeline stage's forward and
+    backward programs), so a value its ops read in one other layout is moved once."""
     lead = g.leader
     if g.kind == "input":
         v = lead.outputs[0]
@@ -476,17 +479,19 @@ def group_strategies(g: Group, view: PlanningView, comm: CommModel, mesh_shape, 
                                scatter_variants=not rs_as_ar)
         if not heads:
             heads = [_fixed_choice(lead, view)]
-    return [_propagate(g, head, view, comm, device, eff, rs_as_ar, mesh_shape) for head in heads]
+    return [_propagate(g, head, view, comm, device, eff, rs_as_ar, mesh_shape, one_program)
+            for head in heads]
 
 
-def _propagate(g: Group, head: OpChoice, view, comm, device, eff, rs_as_ar, mesh_shape
-               ) -> GroupStrategy:
+def _propagate(g: Group, head: OpChoice, view, comm, device, eff, rs_as_ar, mesh_shape,
+               one_program: bool = True) -> GroupStrategy:
     layout: dict[int, Layout] = {}
     ops = []
     time = flops = 0.0
     comms: list[tuple[Comm, int]] = []
-    # XLA moves a value to a layout once however many ops of the group read it so (CSE):
-    # the forward and backward loops of a scanned model slice one gathered stack.
+    # In one program XLA moves a value to a layout once however many ops of the group read
+    # it so (CSE): the forward and backward loops of a scanned model slice one gathered
+    # stack. A pipeline stage's passes are programs of their own, each moving it.
     moved: set[tuple[int, Layout, int]] = set()
     for mi, op in enumerate(g.members):
         if mi == 0:
@@ -499,7 +504,8 @@ def _propagate(g: Group, head: OpChoice, view, comm, device, eff, rs_as_ar, mesh
         for k, v in enumerate(op.inputs):
             if v in layout and choice.in_layouts[k] != layout[v] and \
                     (v, choice.in_layouts[k], op.mult) not in moved:
-                moved.add((v, choice.in_layouts[k], op.mult))
+                if one_program:
+                    moved.add((v, choice.in_layouts[k], op.mult))
                 for c in reshard(_wire_nbytes(view, v, rs_as_ar), layout[v],
                                  choice.in_layouts[k], mesh_shape):
                     time += op.mult * comm.time(c.kind, c.nbytes, c.axes)
@@ -530,7 +536,8 @@ def group_view(view: PlanningView, tie: bool = True) -> Grouping:
 
 def build_problem(view: PlanningView, comm: CommModel, device, eff: Efficiency,
                   restrict: Restrictions = Restrictions(), tie: bool = True,
-                  rs_as_ar: bool = False, grouping=None, weight_moves: float = 1.0) -> Problem:
+                  rs_as_ar: bool = False, grouping=None, weight_moves: float = 1.0,
+                  one_program: bool = True) -> Problem:
     """Groups, classes, per-class strategies and resharding edges for one logical mesh.
 
     `grouping` = `group_view(view, tie)`, which does not depend on the mesh, can be passed
@@ -544,7 +551,7 @@ def build_problem(view: PlanningView, comm: CommModel, device, eff: Efficiency,
     grouping = grouping or group_view(view, tie)
     groups, classes = grouping.groups, grouping.classes
     strategies = [group_strategies(groups[members[0]], view, comm, mesh_shape, device, eff,
-                                   restrict, rs_as_ar) for members in classes]
+                                   restrict, rs_as_ar, one_program) for members in classes]
     self_cost = [np.zeros(len(s)) for s in strategies]
     edges = []
     for (pc, gc, pi, si), mult in grouping.slot_mults.items():

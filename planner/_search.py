@@ -222,25 +222,27 @@ def _slowest(cluster: Cluster, ids):
 
 
 def _problem(view, cluster: Cluster, cand: MeshCandidate, c: Constraints,
-             opts: SearchOptions, grouping, shared, weight_moves: float = 1.0):
+             opts: SearchOptions, grouping, shared, weight_moves: float = 1.0,
+             one_program: bool = True):
     """The ILP data for one mesh candidate on `cluster` (strategies, edges, costs)."""
     comm = CommModel(cluster, cand.mesh, shared)
     restrict = _restrictions(cand.names, c, cand.mesh.shape, view)
     device = _slowest(cluster, cand.mesh.device_ids)
     rs_as_ar = all(cluster.devices[i].kind == "cpu" for i in cand.mesh.device_ids)
     return build_problem(view, comm, device, opts.efficiency, restrict, opts.tie_layers,
-                         rs_as_ar, grouping, weight_moves)
+                         rs_as_ar, grouping, weight_moves, one_program)
 
 
 def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: Constraints,
                     opts: SearchOptions, aliased: frozenset[int], limit: float,
                     grouping=None, shared: dict | None = None, exact_memory: bool = True,
-                    weight_moves: float = 1.0) -> Solved:
+                    weight_moves: float = 1.0, one_program: bool = True) -> Solved:
     """Build and solve the ILP for one mesh candidate; re-solve if memory peaks elsewhere.
 
     `shared` memoises collective times by link structure across the candidates of a search.
     """
-    problem = _problem(graph_view, cluster, cand, c, opts, grouping, shared, weight_moves)
+    problem = _problem(graph_view, cluster, cand, c, opts, grouping, shared, weight_moves,
+                       one_program)
     sizes = np.array([graph_view.values[v].nbytes for v in live.temps], dtype=float)
     times = peak_times(live, sizes, _PEAKS_PER_ROW_SET)
     result = None
@@ -500,7 +502,7 @@ def _stage_pipeline(view, live, cluster: Cluster, c: Constraints, opts: SearchOp
     moves = _typical_microbatches(view, cand, p)
     solved = solve_candidate(view, live, subs[lead], cand, _STAGE_RULES, opts, aliased,
                              float("inf"), grouping, shared, exact_memory=False,
-                             weight_moves=moves)
+                             weight_moves=moves, one_program=False)
     dp_axes = tuple(i for i, a in enumerate(solved.axis_names) if a.startswith("dp"))
     costs = layer_costs(solved.problem, solved.result.choice, solved.assignment, layers, live,
                         dp_axes, in_place)
@@ -578,7 +580,7 @@ def _stage_costs(costs, solved: Solved, view, live, subs, kinds, base, layers, d
         if kind in by_kind:
             continue
         problem = _problem(view, sub, cand, _STAGE_RULES, opts, grouping, shared,
-                           weight_moves)
+                           weight_moves, one_program=False)
         # Strategies are enumerated from the mesh shape and the graph alone, so the
         # solved choice indexes the same strategies on any devices.
         assert [len(x) for x in problem.strategies] == \
@@ -788,11 +790,12 @@ def estimate_plan(graph: Graph, plan: Plan, cluster: Cluster,
 
 
 def _fixed_problem(view, cluster: Cluster, mesh: LogicalMesh, options: SearchOptions,
-                   weight_moves: float = 1.0):
+                   weight_moves: float = 1.0, one_program: bool = True):
     """The ILP data of `mesh` with one class per group: a fixed plan's layouts are read
     group by group, as the plan may give identical layers different layouts."""
     return _problem(view, cluster, MeshCandidate(mesh, None, "fixed"), Constraints(),
-                    dataclasses.replace(options, tie_layers=False), None, None, weight_moves)
+                    dataclasses.replace(options, tie_layers=False), None, None, weight_moves,
+                    one_program)
 
 
 def _plan_choice(problem, plan: Plan) -> tuple[int, ...]:
@@ -833,7 +836,8 @@ def _estimate_pipelined(view, live, plan: Plan, cluster: Cluster, options: Searc
     per_stage = []
     for sub, kind in zip(subs, _stage_kinds(subs)):
         if kind not in by_kind:
-            problem = _fixed_problem(view, sub, mesh, options, float(ps.microbatches))
+            problem = _fixed_problem(view, sub, mesh, options, float(ps.microbatches),
+                                     one_program=False)
             choice = _plan_choice(problem, plan)
             costs = layer_costs(problem, choice, assign(problem, choice), layers, live,
                                 dp_axes, in_place)
