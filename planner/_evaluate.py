@@ -132,10 +132,10 @@ def evaluate(problem: Problem, choice, live: Liveness | None, aliased: frozenset
     # XLA:CPU lowers reduce-scatter to all-reduce + slice; a plan whose collectives include
     # a real reduce-scatter was costed for a backend that has one.
     scatters = any(c.kind == "reduce-scatter" for c, _, _ in comms)
-    # Without a liveness timeline (a pipeline stage's plan, whose memory is counted per
-    # layer by the pipeline model) the whole-step memory is not computed.
     if ynn is None:  # YNNPACK reductions, and the broadcasts they read, are XLA:CPU's
         ynn = on_xla_cpu(comm)
+    # Without a liveness timeline (a pipeline stage's plan, whose memory is counted per
+    # layer by the pipeline model) the whole-step memory is not computed.
     mem = MemoryBreakdown(0.0, 0.0, 0.0, 0.0) if live is None else \
         memory(problem.view, live, a.value_layout, mesh_shape, aliased, a.op_layouts, scatters,
                ynn)
