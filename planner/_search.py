@@ -429,13 +429,15 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
             if tp_size in dropped:
                 continue
             label = f"pp{p} {cand.label}"
-            best, ruled_out = None, False
+            best, ruled_out, least = None, False, math.inf
             for lead in leads:
                 own, got = _stage_pipeline(view, live, cluster, c, opts, aliased, grouping,
                                            shared, layers, in_place, act_scale, cand, p,
                                            chunks, subs, kinds, lead, limits, hop, why)
                 at_p[tp_size] = min(at_p.get(tp_size, math.inf), own)
                 ruled_out = got == "ruled out"
+                if isinstance(got, float):  # nothing fits: the least memory found
+                    least = min(least, got)
                 if isinstance(got, Solved) and (
                         best is None or got.pipeline.step_time < best.pipeline.step_time):
                     best = got
@@ -447,7 +449,9 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
                                          f"(remat={best.pipeline.remat} "
                                          f"ZeRO-{best.pipeline.zero})"))
             if best is None:
-                why.append(f"{label}: no split of the layers fits {_bytes(limit)} per device")
+                why.append(f"{label}: no split of the layers fits {_bytes(limit)} per device"
+                           + (f" (the least memory found: {_bytes(least)})"
+                              if math.isfinite(least) else ""))
                 continue
             runs.append((label, best))
         # A tensor-parallel degree whose stage plan is slower (compute and collectives,
@@ -492,8 +496,9 @@ def _stage_pipeline(view, live, cluster: Cluster, c: Constraints, opts: SearchOp
                     why: list[str]):
     """The best pipeline of p stages whose shared intra-op plan is solved on stage
     `lead`'s devices: (the stage plan's own time, the Solved with its pipeline), with
-    None instead of the Solved if no split fits, "ruled out" if the constraints cannot
-    hold on this stage mesh (the reason appended to `why`)."""
+    the least memory found (bytes per device) instead of the Solved if no split fits,
+    "ruled out" if the constraints cannot hold on this stage mesh (the reason appended
+    to `why`)."""
     # The stage ILP has no memory rows (its whole-step, whole-batch memory is not a
     # stage's), so memory is kept in check by rule, as Megatron-LM does: weights and
     # optimizer state whole over the stage's dp axis (ZeRO over dp is chosen by the
@@ -549,12 +554,27 @@ def _stage_pipeline(view, live, cluster: Cluster, c: Constraints, opts: SearchOp
                                    for m, i in zip(got.stage_memory, seq)):
             tried.append((got.step_time, seq, got))
     if not tried:
-        return own, None
+        return own, _least_memory(per_stage, p, c, dp, hop)
     _, seq, choice = min(tried, key=lambda t: t[0])
     choice = dataclasses.replace(choice, act_scale=costs.act_scale)
     return own, dataclasses.replace(
         solved, cost=_pipeline_cost(costs, choice), pipeline=choice,
         stage_order=tuple(d for i in seq for d in _stage_ids(cand.mesh.device_ids, chunks[i])))
+
+
+def _least_memory(per_stage, p: int, c: Constraints, dp: int, hop) -> float:
+    """Bytes per device of the least-memory pipeline found when none fits: the pinned
+    settings, else every layer recomputed and the highest ZeRO stage, split with no
+    memory limit (so the split balances time; a memory-balanced one may need a little
+    less). Told to the user, who then knows how far off the memory is."""
+    got = best_pipeline(
+        per_stage, p, math.inf, hop,
+        schedules=(c.schedule,) if c.schedule else SCHEDULES,
+        remats=(c.remat,) if c.remat else ("full",),
+        zeros=(c.zero,) if c.zero is not None else ((3,) if dp > 1 else (0,)),
+        microbatches=c.num_microbatches,
+        virtual=(c.virtual_stages,) if c.virtual_stages else (2,))
+    return got.peak_memory if got is not None else math.inf
 
 
 def _stage_kinds(subs: list[Cluster]) -> list[str]:
@@ -694,8 +714,11 @@ def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraint
              and constraints == Constraints()]
     if not fits:
         if not runs and not pipes:
-            raise ValueError(f"no plan matches {constraints}: " + "; ".join(why[:3]) +
-                             ". Relax the constraints.")
+            memory = any("least memory found" in w for w in why)
+            raise ValueError(f"no plan matches {constraints}: " + "; ".join(why[:3]) + (
+                ". Pin fewer settings (more stages, recomputation and ZeRO save memory), use "
+                "more devices, a smaller batch, or raise memory_limit." if memory else
+                ". Relax the constraints."))
         need = min(s.cost.peak_memory for _, s in runs + pipes)
         raise MemoryError(
             f"no plan fits {_bytes(limit)} per device; the smallest found needs "

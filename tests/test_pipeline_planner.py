@@ -431,3 +431,23 @@ def test_update_ops_run_in_the_layer_of_their_weight_when_the_gradient_is_clippe
     where = [layers.op_layer[op.id] for op in view.ops if layers.op_pass.get(op.id) == "step"
              and any(view.values[v].shape in block_shapes for v in op.outputs)]
     assert where and all(1 <= l <= 4 for l in where), sorted(set(where))
+
+
+def test_pinned_pipeline_that_does_not_fit_says_how_much_memory_it_needs():
+    # With pp pinned and nothing fitting, the error names, per stage mesh tried, the least
+    # memory a pipeline found needs, so the user knows how far off the limit is. It is
+    # more than the limit, and a limit that large then plans.
+    ex = make("gpt", layers=4)
+    limit = 2e5
+    step = mp.auto_parallel(ex.train_step, memory_limit=limit, time_limit=2,
+                            constraints=mp.Constraints(pp=2))
+    with pytest.raises(ValueError, match="least memory found") as err:
+        step.plan(*ex.args, compare_baselines=False)
+    found = [float(x) * {"MiB": 2**20, "GiB": 2**30}[u] for x, u in
+             re.findall(r"least memory found: ([\d.]+) (MiB|GiB)", str(err.value))]
+    assert found and min(found) > limit
+    assert "raise memory_limit" in str(err.value)
+    roomy = mp.auto_parallel(ex.train_step, memory_limit=min(found) * 1.02, time_limit=2,
+                             constraints=mp.Constraints(pp=2))
+    plan = roomy.plan(*ex.args, compare_baselines=False)
+    assert plan.stages and plan.cost.peak_memory <= min(found) * 1.02
