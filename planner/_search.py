@@ -23,7 +23,7 @@ from meshplan.planner._pipe import (PipelineChoice, Setting, _recomputed, best_p
                                     evaluate_split, layer_costs)
 from meshplan.planner._placement import improve_order, plan_traffic, topology_order
 from meshplan.planner._plan import Alternative, Constraints, PipelineSettings, Plan, Stage
-from meshplan.planner._problem import Restrictions, build_problem, group_view
+from meshplan.planner._problem import Restrictions, build_problem, group_view, on_xla_cpu
 
 # The ILP's memory rows are placed at the liveness peaks of the unsharded program; when the
 # decoded plan peaks elsewhere, that time is added and the ILP solved again, at most this
@@ -228,9 +228,8 @@ def _problem(view, cluster: Cluster, cand: MeshCandidate, c: Constraints,
     comm = CommModel(cluster, cand.mesh, shared)
     restrict = _restrictions(cand.names, c, cand.mesh.shape, view)
     device = _slowest(cluster, cand.mesh.device_ids)
-    rs_as_ar = all(cluster.devices[i].kind == "cpu" for i in cand.mesh.device_ids)
     return build_problem(view, comm, device, opts.efficiency, restrict, opts.tie_layers,
-                         rs_as_ar, grouping, weight_moves, one_program)
+                         on_xla_cpu(comm), grouping, weight_moves, one_program)
 
 
 def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: Constraints,
@@ -544,11 +543,7 @@ def _stage_pipeline(view, live, cluster: Cluster, c: Constraints, opts: SearchOp
         got = best_pipeline(
             [per_stage[i] for i in seq], p, [limits[i] for i in seq],
             hop if seq == orders[0] else _hop(cluster, [chunks[i] for i in seq]),
-            schedules=(c.schedule,) if c.schedule else SCHEDULES,
-            remats=(c.remat,) if c.remat else ("none", "full", "layers"),
-            zeros=(c.zero,) if c.zero is not None else ((0, 1, 3) if dp > 1 else (0,)),
-            microbatches=c.num_microbatches,
-            virtual=(c.virtual_stages,) if c.virtual_stages else (2,))
+            **_pipeline_settings(c, dp))
         # Interleaved chunks can overfill a device: such a split is never returned.
         if got is not None and all(m <= limits[i] * (1 + 1e-9)
                                    for m, i in zip(got.stage_memory, seq)):
@@ -562,18 +557,26 @@ def _stage_pipeline(view, live, cluster: Cluster, c: Constraints, opts: SearchOp
         stage_order=tuple(d for i in seq for d in _stage_ids(cand.mesh.device_ids, chunks[i])))
 
 
+def _pipeline_settings(c: Constraints, dp: int, least_memory: bool = False) -> dict:
+    """`best_pipeline`'s choices of schedule, recomputation, ZeRO stage, microbatches and
+    virtual stages: the pinned one, else all of them (`least_memory`: only every layer
+    recomputed and the highest ZeRO stage)."""
+    remats = ("full",) if least_memory else ("none", "full", "layers")
+    zeros = ((3,) if least_memory else (0, 1, 3)) if dp > 1 else (0,)
+    return dict(schedules=(c.schedule,) if c.schedule else SCHEDULES,
+                remats=(c.remat,) if c.remat else remats,
+                zeros=(c.zero,) if c.zero is not None else zeros,
+                microbatches=c.num_microbatches,
+                virtual=(c.virtual_stages,) if c.virtual_stages else (2,))
+
+
 def _least_memory(per_stage, p: int, c: Constraints, dp: int, hop) -> float:
     """Bytes per device of the least-memory pipeline found when none fits: the pinned
     settings, else every layer recomputed and the highest ZeRO stage, split with no
     memory limit (so the split balances time; a memory-balanced one may need a little
     less). Told to the user, who then knows how far off the memory is."""
-    got = best_pipeline(
-        per_stage, p, math.inf, hop,
-        schedules=(c.schedule,) if c.schedule else SCHEDULES,
-        remats=(c.remat,) if c.remat else ("full",),
-        zeros=(c.zero,) if c.zero is not None else ((3,) if dp > 1 else (0,)),
-        microbatches=c.num_microbatches,
-        virtual=(c.virtual_stages,) if c.virtual_stages else (2,))
+    got = best_pipeline(per_stage, p, math.inf, hop,
+                        **_pipeline_settings(c, dp, least_memory=True))
     return got.peak_memory if got is not None else math.inf
 
 
