@@ -403,14 +403,14 @@ def _facts(view, op: POp) -> _OpFacts:
 
 
 def _op_cost(op: POp, choice: OpChoice, view, comm: CommModel, device, eff,
-             rs_as_ar: bool) -> tuple[float, float, list[Comm]]:
+             xla_cpu: bool) -> tuple[float, float, list[Comm]]:
     """(seconds, per-device FLOPs, collectives) of one execution of an op under a choice."""
     facts = _facts(view, op)
     flops = op.flops / choice.split
     nbytes = facts.traffic / choice.split
     t = _roofline(flops, nbytes, device, facts.dtype, facts.matmul, eff) \
         if flops or nbytes else 0.0
-    comms = [_lowered(c, rs_as_ar, facts.dtype) for c in choice.comms]
+    comms = [_lowered(c, xla_cpu, facts.dtype) for c in choice.comms]
     t += sum(comm.time(c.kind, c.nbytes, c.axes) for c in comms)
     return t, flops, comms
 
@@ -428,11 +428,11 @@ def _roofline(flops, nbytes, device, dtype, is_matmul, eff) -> float:
     return max(flops * per_flop, nbytes * per_byte)
 
 
-def _lowered(c: Comm, rs_as_ar: bool, dtype) -> Comm:
-    """A collective of an op's result as XLA:CPU runs it (`rs_as_ar`: every device is a
+def _lowered(c: Comm, xla_cpu: bool, dtype) -> Comm:
+    """A collective of an op's result as XLA:CPU runs it (`xla_cpu`: every device is a
     CPU): a reduce-scatter as an all-reduce plus a local slice (measured), bfloat16 in
     float32 (`wire_bytes`)."""
-    if not rs_as_ar:
+    if not xla_cpu:
         return c
     kind = "all-reduce" if c.kind == "reduce-scatter" else c.kind
     return Comm(kind, wire_bytes(c.nbytes, dtype, True), c.axes)
@@ -453,7 +453,7 @@ def _choice(op: POp, loops, view, mesh_shape, scatter=None) -> OpChoice | None:
 
 
 def group_strategies(g: Group, view: PlanningView, comm: CommModel, mesh_shape, device,
-                     eff: Efficiency, restrict: Restrictions, rs_as_ar: bool,
+                     eff: Efficiency, restrict: Restrictions, xla_cpu: bool,
                      one_program: bool = True) -> list[GroupStrategy]:
     """Every strategy of a group: the leader's choices, followers propagated through each.
 
@@ -476,14 +476,14 @@ def group_strategies(g: Group, view: PlanningView, comm: CommModel, mesh_shape, 
         heads = leader_choices(lead.dims, [_shape(view, v) for v in lead.inputs],
                                [_shape(view, v) for v in lead.outputs],
                                [_nbytes(view, v) for v in lead.outputs], mesh_shape, allowed,
-                               scatter_variants=not rs_as_ar)
+                               scatter_variants=not xla_cpu)
         if not heads:
             heads = [_fixed_choice(lead, view)]
-    return [_propagate(g, head, view, comm, device, eff, rs_as_ar, mesh_shape, one_program)
+    return [_propagate(g, head, view, comm, device, eff, xla_cpu, mesh_shape, one_program)
             for head in heads]
 
 
-def _propagate(g: Group, head: OpChoice, view, comm, device, eff, rs_as_ar, mesh_shape,
+def _propagate(g: Group, head: OpChoice, view, comm, device, eff, xla_cpu, mesh_shape,
                one_program: bool = True) -> GroupStrategy:
     layout: dict[int, Layout] = {}
     ops = []
@@ -506,12 +506,12 @@ def _propagate(g: Group, head: OpChoice, view, comm, device, eff, rs_as_ar, mesh
                     (v, choice.in_layouts[k], op.mult) not in moved:
                 if one_program:
                     moved.add((v, choice.in_layouts[k], op.mult))
-                for c in reshard(_wire_nbytes(view, v, rs_as_ar), layout[v],
+                for c in reshard(_wire_nbytes(view, v, xla_cpu), layout[v],
                                  choice.in_layouts[k], mesh_shape):
                     time += op.mult * comm.time(c.kind, c.nbytes, c.axes)
                     comms.append((c, op.mult))
         if op.kind != "input":
-            t, f, cs = _op_cost(op, choice, view, comm, device, eff, rs_as_ar)
+            t, f, cs = _op_cost(op, choice, view, comm, device, eff, xla_cpu)
             time += op.mult * t
             flops += op.mult * f
             comms += [(c, op.mult) for c in cs]
@@ -536,14 +536,15 @@ def group_view(view: PlanningView, tie: bool = True) -> Grouping:
 
 def build_problem(view: PlanningView, comm: CommModel, device, eff: Efficiency,
                   restrict: Restrictions = Restrictions(), tie: bool = True,
-                  rs_as_ar: bool = False, grouping=None, weight_moves: float = 1.0,
+                  xla_cpu: bool = False, grouping=None, weight_moves: float = 1.0,
                   one_program: bool = True) -> Problem:
     """Groups, classes, per-class strategies and resharding edges for one logical mesh.
 
     `grouping` = `group_view(view, tie)`, which does not depend on the mesh, can be passed
     to share it between candidate meshes. `weight_moves` multiplies the resharding of
     values that do not scale with the batch (weights): a pipeline stage with m microbatches
-    moves them m times per step, its activations once in total.
+    moves them m times per step, its activations once in total. `xla_cpu`: every device
+    is a CPU, whose collectives XLA:CPU lowers its own way (`_lowered`, `wire_bytes`).
     """
     from meshplan.planner._memory import materialised  # (a cycle at import time)
     materialised(view)  # memoised on the view for _op_cost
@@ -551,7 +552,7 @@ def build_problem(view: PlanningView, comm: CommModel, device, eff: Efficiency,
     grouping = grouping or group_view(view, tie)
     groups, classes = grouping.groups, grouping.classes
     strategies = [group_strategies(groups[members[0]], view, comm, mesh_shape, device, eff,
-                                   restrict, rs_as_ar, one_program) for members in classes]
+                                   restrict, xla_cpu, one_program) for members in classes]
     self_cost = [np.zeros(len(s)) for s in strategies]
     edges = []
     for (pc, gc, pi, si), mult in grouping.slot_mults.items():
@@ -559,7 +560,7 @@ def build_problem(view: PlanningView, comm: CommModel, device, eff: Efficiency,
         if weight_moves != 1.0 and batch_free(view, v_rep):
             mult = mult * weight_moves
         edge = _edge(pc, gc, strategies[pc], strategies[gc], pi, si,
-                     _wire_nbytes(view, v_rep, rs_as_ar), mult, comm, mesh_shape)
+                     _wire_nbytes(view, v_rep, xla_cpu), mult, comm, mesh_shape)
         if pc == gc:  # consecutive repeated layers: both ends take the same strategy
             self_cost[gc] = self_cost[gc] + np.diag(edge.matrix())
         elif edge.cost.any():

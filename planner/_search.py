@@ -25,6 +25,9 @@ from meshplan.planner._placement import improve_order, plan_traffic, topology_or
 from meshplan.planner._plan import Alternative, Constraints, PipelineSettings, Plan, Stage
 from meshplan.planner._problem import Restrictions, build_problem, group_view, on_xla_cpu
 
+# How a pinned pipeline that fits nowhere is reported in the search's reasons; the final
+# error offers memory remedies when a reason carries it.
+_LEAST_MEMORY = "the least memory found"
 # The ILP's memory rows are placed at the liveness peaks of the unsharded program; when the
 # decoded plan peaks elsewhere, that time is added and the ILP solved again, at most this
 # often (each round adds the true peak of the previous answer, which converges fast).
@@ -449,7 +452,7 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
                                          f"ZeRO-{best.pipeline.zero})"))
             if best is None:
                 why.append(f"{label}: no split of the layers fits {_bytes(limit)} per device"
-                           + (f" (the least memory found: {_bytes(least)})"
+                           + (f" ({_LEAST_MEMORY}: {_bytes(least)})"
                               if math.isfinite(least) else ""))
                 continue
             runs.append((label, best))
@@ -717,7 +720,7 @@ def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraint
              and constraints == Constraints()]
     if not fits:
         if not runs and not pipes:
-            memory = any("least memory found" in w for w in why)
+            memory = any(_LEAST_MEMORY in w for w in why)
             raise ValueError(f"no plan matches {constraints}: " + "; ".join(why[:3]) + (
                 ". Pin fewer settings (more stages, recomputation and ZeRO save memory), use "
                 "more devices, a smaller batch, or raise memory_limit." if memory else
