@@ -15,9 +15,14 @@ weights, optimizer state, gradients and saved activations. From those tables:
   candidate stage times. The greedy split is optimal for contiguous ranges because a
   stage's memory grows with its layers and shrinks with its position (1F1B's later stages
   hold fewer microbatches).
-* Memory of stage i: weights + optimizer state + gradients of its layers, plus its saved
-  activations for ``in_flight(i)`` microbatches (full recomputation keeps only each layer's
-  input, and re-runs the forward pass during the backward), plus one layer's working set.
+* Memory of stage i: weights + optimizer state + gradients of its layers, plus the larger
+  of two phases. While microbatches run: its saved activations for ``in_flight(i)``
+  microbatches (full recomputation keeps only each layer's input, and re-runs the forward
+  pass during the backward), one microbatch's weight gradients and the residuals its
+  backward program rebuilds (the pipelined executor writes them whole), and one layer's
+  temporaries (the most live at once of the values made and last read inside one pass of
+  the layer, on the whole-step memory model's schedule). During the update, after the
+  last backward: new copies of the state that is not updated in place.
 * ZeRO over the stage's data-parallel axis: optimizer state (stage 1) or also weights and
   gradients (stage 3) split over it; stage 3 gathers each layer's weights once per
   microbatch in the forward and again in the backward pass (Rajbhandari et al., "ZeRO",
@@ -31,6 +36,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -56,13 +62,18 @@ class LayerCosts:
       saved: bytes of forward activations the backward pass reads (whole batch).
       inputs: bytes of the activations entering the layer (whole batch): all a layer keeps
         under full recomputation.
-      working: bytes of the layer's largest value (whole batch), a stand-in for the
-        transient buffers of one op.
+      working: bytes of the layer's largest value (whole batch).
+      transient: bytes of the layer's temporaries (whole batch): the most live at once of
+        the values that are made and die inside its forward pass, or inside its backward
+        pass, on the whole-step memory model's schedule (None: 2 x working stands in).
+      rebuilt: bytes of the saved activations that the pipelined backward program makes
+        again from others instead of keeping (whole batch; see `_rebuilt`).
       weights_dp, opt_state_dp: the part of weights / optimizer state not yet split over
         the data-parallel axes (what ZeRO would split).
       gather: seconds to all-gather the layer's weights over the data-parallel axes once.
       outputs: bytes of the updated weights and optimizer state written to new buffers
-        (state the step does not donate is not updated in place).
+        (state the step does not donate is not updated in place). They exist only while
+        the update runs, after the last backward pass, when no activations are held.
       sent: bytes each device sends per step for the layer's collectives and reshards.
       forward_flops: the forward pass's share of `flops` (what full recomputation adds).
       cut: cut[c] = bytes crossing from layers <= c to layers > c in the forward pass.
@@ -93,6 +104,8 @@ class LayerCosts:
     forward_fixed: np.ndarray | None = None
     backward_fixed: np.ndarray | None = None
     act_scale: float = 1.0
+    transient: np.ndarray | None = None
+    rebuilt: np.ndarray | None = None
     # _tables per (m, remat, zero, recomputed layers): the split search asks for the same
     # few hundred times, once per stage (a copy made by dataclasses.replace starts empty).
     tables_memo: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
@@ -103,11 +116,13 @@ class LayerCosts:
         with one microbatch peaks at `exact_peak` (the whole-step memory model's answer
         for the same plan, checked against XLA): XLA's buffers beyond the saved
         activations (loop-state copies, stacked gradients of a scan) scale with them."""
-        f, b, step, held, act, work = _tables(self, Setting(1, 1, "1f1b", 1, "none", 0))
-        base = float(act.sum() + work.max())
+        t = _tables(self, Setting(1, 1, "1f1b", 1, "none", 0))
+        base = float(t.act.sum() + t.work.max())
         if base <= 0:
             return self
-        scale = max(1.0, (exact_peak - float(held.sum())) / base)
+        # The whole step writes its updated state while activations are still live (its
+        # scheduler moves each update next to its gradient), so all of it is counted here.
+        scale = max(1.0, (exact_peak - float(t.held.sum() + t.update.sum())) / base)
         return dataclasses.replace(self, act_scale=scale)
 
     @property
@@ -298,6 +313,9 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
     # cut sizes from forward values read by later layers.
     sv = index.saved
     _spread_all(layers, sv.layer, per_device_all(sv.values, sv.nbytes) * sv.copies, saved)
+    rb = index.rebuilt
+    rebuilt = z()
+    _spread_all(layers, rb.layer, per_device_all(rb.values, rb.nbytes) * rb.copies, rebuilt)
     fv = index.forward
     b = per_device_all(fv.values, fv.nbytes)
     _spread_max_all(layers, fv.layer, b, working)
@@ -311,10 +329,75 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
         cut[1:layers.num_blocks] += carry_bytes  # the scan's carry between blocks
     inputs[1:] = cut[:-1]
     inputs[0] = 0.0
+    tv = _transient_index(view, layers, live)
+    transient = z()
+    if tv.values:
+        peaks = tv.peaks(per_device_all(tv.values, tv.nbytes))
+        _spread_max_all(layers, tv.layer, peaks, transient)
     dp_size = math.prod(mesh_shape[a] for a in dp_axes) if dp_axes else 1
     return LayerCosts(fwd, bwd, step, weights, opt, saved, inputs, working, cut, flops,
                       weights_dp, opt_dp, gather, sent, fflops, outputs, dp_size,
-                      _global_batch(view), fwd_fixed, bwd_fixed)
+                      _global_batch(view), fwd_fixed, bwd_fixed, transient=transient,
+                      rebuilt=rebuilt)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TransientIndex:
+    """The temporaries of each layer's forward and of its backward pass: stored values
+    made and last read inside that pass of that layer on the whole-step schedule
+    (`Liveness`), as events sorted per (layer, pass) by phase, so that a plan's sizes
+    give each pass's most bytes live at once in a few array operations."""
+
+    values: list[int]  # the temporaries
+    nbytes: np.ndarray  # per value
+    event_value: np.ndarray  # per event: index into values
+    event_sign: np.ndarray  # per event: +1 made, -1 freed
+    group_start: np.ndarray  # per (layer, pass) group: its first event
+    layer: np.ndarray  # per group: the layer (SPREAD: a scanned body's)
+
+    def peaks(self, sizes: np.ndarray) -> np.ndarray:
+        """Per group, the most bytes live at once, for per-value sizes."""
+        # Each group's events sum to zero, so one running sum serves every group.
+        running = np.cumsum(sizes[self.event_value] * self.event_sign)
+        return np.maximum.reduceat(running, self.group_start)
+
+
+def _transient_index(view, layers: Layers, live) -> _TransientIndex:
+    return memo_of(view.memo, "transients", layers,
+                   lambda: _make_transient_index(view, layers, live))
+
+
+def _make_transient_index(view, layers: Layers, live) -> _TransientIndex:
+    group_of_op, span = {}, {}  # op index -> (layer, pass); (layer, pass) -> phases
+    for k, op in enumerate(view.ops):
+        phase = layers.op_pass.get(op.id, "step")
+        if phase == "step" or live.op_first[k] < 0:
+            continue
+        g = (layers.op_layer.get(op.id, 0), phase)
+        group_of_op[k] = g
+        lo, hi = span.get(g, (math.inf, -1))
+        span[g] = (min(lo, 2 * int(live.op_first[k])), max(hi, 2 * int(live.op_last[k]) + 1))
+    made_in = {v: group_of_op[k] for k, op in enumerate(view.ops) if k in group_of_op
+               for v in op.outputs}
+    rows = []  # (group, phase, sign, value index)
+    values: list[int] = []
+    for v, a, b, out in zip(live.temps, live.start.tolist(), live.end.tolist(),
+                            live.is_out.tolist()):
+        g = made_in.get(v)
+        if g is None or out or b > span[g][1]:
+            continue  # not made in a layer's pass, or outlives it
+        rows.append((g, a, 1, len(values)))
+        rows.append((g, b + 1, -1, len(values)))  # freed after its last phase
+        values.append(v)
+    rows.sort(key=lambda r: (r[0], r[1], r[2]))  # frees before makes at the same phase
+    groups = [r[0] for r in rows]
+    starts = [i for i in range(len(rows)) if i == 0 or groups[i] != groups[i - 1]]
+    return _TransientIndex(
+        values, np.array([float(view.values[v].nbytes) for v in values]),
+        np.array([r[3] for r in rows], dtype=np.int64),
+        np.array([r[2] for r in rows], dtype=float),
+        np.array(starts, dtype=np.int64),
+        np.array([groups[i][0] for i in starts], dtype=np.int64))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,6 +473,7 @@ class _ActivationIndex:
 
     made_by: dict[int, tuple[int, int]]  # value -> (op id, output position)
     saved: _Values  # stored forward values read by the backward pass
+    rebuilt: _Values  # of those, the ones the pipelined backward program makes again
     forward: _Values  # every forward value, with the last layer that reads it
     carries: list[int]  # a scan's forward carries (the activations between its blocks)
 
@@ -421,14 +505,17 @@ def _make_activation_index(view, layers: Layers, live) -> _ActivationIndex:
         if phase != "forward" or op.kind == "input":
             continue
         for v in op.outputs:
-            if v in stored and v in backward_read:
+            # A scan keeps every body value its backward reads (as stacked residuals,
+            # which the pipelined executor holds between the passes), fused or not.
+            if (v in stored or layer == SPREAD) and v in backward_read:
                 saved.append((v, layer, op.mult if layer == SPREAD else 1))
             lo = layers.num_blocks if layer == SPREAD else layer
             forward.append((v, layer, 1, lo, last_reader.get(v, -1)))
     rebuilt = _rebuilt(view, {s[0] for s in saved}, where)
+    again = [s for s in saved if s[0] in rebuilt]
     saved = [s for s in saved if s[0] not in rebuilt]
-    return _ActivationIndex(made_by, _Values.of(view, saved), _Values.of(view, forward),
-                            carries)
+    return _ActivationIndex(made_by, _Values.of(view, saved), _Values.of(view, again),
+                            _Values.of(view, forward), carries)
 
 
 def _rebuilt(view, saved: set[int], where) -> set[int]:
@@ -523,7 +610,28 @@ def _tables(c: LayerCosts, s: Setting):
     return c.tables_memo[key]
 
 
-def _compute_tables(c: LayerCosts, s: Setting):
+class _Tables(NamedTuple):
+    """Per layer under one setting (see `_tables`)."""
+
+    f: np.ndarray  # seconds of forward work per microbatch
+    b: np.ndarray  # seconds of backward work per microbatch (recomputation included)
+    step: np.ndarray  # seconds of once-per-step work
+    held: np.ndarray  # bytes held for the whole step: weights, gradients, optimizer state
+    act: np.ndarray  # bytes saved per in-flight microbatch
+    work: np.ndarray  # bytes of one microbatch's temporaries while the layer runs
+    update: np.ndarray  # bytes of new state buffers, while the update runs
+    fresh: np.ndarray  # bytes of one microbatch's weight gradients and rebuilt residuals
+
+
+def _stage_peak(held: float, running: float, work: float, update: float) -> float:
+    """A stage's peak bytes: its state, plus the larger of the forward/backward phase
+    (`running`: in-flight activations and one microbatch's weight gradients before they
+    join the sums; `work`: one layer's temporaries) and the update phase (the new copies
+    of state not updated in place), which follows the last backward pass."""
+    return held + max(running + work, update)
+
+
+def _compute_tables(c: LayerCosts, s: Setting) -> _Tables:
     dp = c.dp_size
     f = c.forward / s.m + (c.forward_fixed if c.forward_fixed is not None else 0.0)
     b = c.backward / s.m + (c.backward_fixed if c.backward_fixed is not None else 0.0)
@@ -534,16 +642,26 @@ def _compute_tables(c: LayerCosts, s: Setting):
     if s.zero >= 3 and dp > 1:
         f = f + c.gather  # weights gathered before each microbatch's forward ...
         b = b + c.gather  # ... and again before its backward
-    # Weights, their gradients (laid out alike), optimizer state, and new copies of the
-    # state the step does not update in place.
-    outputs = c.outputs * (weights + opt).sum() / max((c.weights + c.opt_state).sum(), 1.0)
-    held = 2 * weights + opt + outputs
+    # Weights, their gradients (laid out alike) and optimizer state; new copies of the
+    # state the step does not update in place exist only during the update.
+    update = c.outputs * (weights + opt).sum() / max((c.weights + c.opt_state).sum(), 1.0)
+    held = 2 * weights + opt
     act = c.act_scale * np.where(rm, c.inputs, c.saved) / s.m
-    # An op's input and its output of the largest size are live together; a recomputed
-    # layer rebuilds its saved activations (the largest value among them) while its
-    # backward runs, next to one more value that large.
-    work = c.act_scale * np.where(rm, c.working + c.saved, 2 * c.working) / s.m
-    return f, b, c.step, held, act, work
+    # A layer's temporaries; a recomputed layer also rebuilds its saved activations while
+    # its backward runs. Without a measure of the temporaries: an op's input and its
+    # output of the largest size (one of them is among the rebuilt activations).
+    if c.transient is None:
+        work = np.where(rm, c.working + c.saved, 2 * c.working)
+    else:
+        work = np.where(rm, c.transient + c.saved, c.transient)
+    work = c.act_scale * work / s.m
+    # The pipelined executor's backward program rebuilds cheap residuals of all its
+    # layers first, and adds each microbatch's weight gradients to the step's sums after
+    # the program has written them out whole.
+    fresh = weights
+    if c.rebuilt is not None:
+        fresh = fresh + c.act_scale * np.where(rm, 0.0, c.rebuilt) / s.m
+    return _Tables(f, b, c.step, held, act, work, update, fresh)
 
 
 def _per_stage(x, p: int) -> tuple:
@@ -573,23 +691,29 @@ def split(c, s: Setting, limit):
     if n < pieces:
         return None
     flight = in_flight(s.p, s.m, s.schedule, s.v)
-    times = [f + b for f, b, *_ in tabs]
+    times = [t.f + t.b for t in tabs]
     cum = lambda a: np.concatenate([[0.0], np.cumsum(a)])
     memo: dict = {}  # cumulative tables per distinct (stage tables, in-flight count)
     tm_d = [memo.setdefault(id(t), cum(times[d]).tolist()) for d, t in enumerate(tabs)]
-    hms = [cum(t[3]) for t in tabs]
-    ams = [cum(t[4]) for t in tabs]
-    mem_d = [memo.setdefault((id(t), flight[d]), (hms[d] + flight[d] * ams[d]).tolist())
+    hms = [cum(t.held) for t in tabs]
+    ams = [cum(t.act) for t in tabs]
+    ums = [cum(t.update) for t in tabs]
+    fms = [cum(t.fresh) for t in tabs]
+    run_d = [memo.setdefault((id(t), flight[d]),
+                             (hms[d] + flight[d] * ams[d] + fms[d]).tolist())
+             for d, t in enumerate(tabs)]
+    upd_d = [memo.setdefault((id(t), "update"), (hms[d] + ums[d]).tolist())
              for d, t in enumerate(tabs)]
     tms = [tm_d[k % s.p] for k in range(pieces)]
-    mems = [mem_d[k % s.p] for k in range(pieces)]
+    # Two phases per stage (`_stage_peak`): forward/backward and update.
+    mems = [(run_d[k % s.p], upd_d[k % s.p]) for k in range(pieces)]
     # One working set per stage: bound it by the largest (a layer's ops run one at a time).
-    works = [float(t[5].max()) if n else 0.0 for t in tabs]
-    rooms = [limits[k % s.p] - works[k % s.p] for k in range(pieces)]
+    works = [float(t.work.max()) if n else 0.0 for t in tabs]
+    rooms = [(limits[k % s.p] - works[k % s.p], limits[k % s.p]) for k in range(pieces)]
     if s.v > 1:
         # A device holds v chunks from all over the model: the greedy fill balances time
         # only, and each device's total is checked below.
-        rooms = [math.inf] * pieces
+        rooms = [(math.inf, math.inf)] * pieces
 
     def greedy(bound):
         return _greedy(tms, mems, pieces, bound, rooms)
@@ -612,18 +736,22 @@ def split(c, s: Setting, limit):
         if hi - lo <= 1e-6 * hi:
             break
     if s.v > 1 and best is not None:
-        held_dev = [0.0] * s.p
+        held, acts, updates = [0.0] * s.p, [0.0] * s.p, [0.0] * s.p
         for k, (a, b) in enumerate(best):
             d = k % s.p
-            held_dev[d] += hms[d][b] - hms[d][a] + flight[d] * (ams[d][b] - ams[d][a])
-        if any(held_dev[d] > limits[d] - works[d] for d in range(s.p)):
+            held[d] += hms[d][b] - hms[d][a]
+            acts[d] += flight[d] * (ams[d][b] - ams[d][a]) + fms[d][b] - fms[d][a]
+            updates[d] += ums[d][b] - ums[d][a]
+        if any(_stage_peak(held[d], acts[d], works[d], updates[d]) > limits[d]
+               for d in range(s.p)):
             return None
     return best
 
 
 def _greedy(tms, mems, pieces, bound, rooms):
-    """Fill pieces left to right, each as long as time <= bound and memory <= its room
-    allow, leaving a layer for each later piece; None if the last piece overflows."""
+    """Fill pieces left to right, each as long as time <= bound and each of its memory
+    tables (cumulative, one per phase) <= its room allow, leaving a layer for each later
+    piece; None if the last piece overflows."""
     n = len(tms[0]) - 1
     out = []
     first = 0
@@ -631,16 +759,19 @@ def _greedy(tms, mems, pieces, bound, rooms):
         end = n - (pieces - k - 1)
         if first >= end:
             return None
-        tm, mem, room = tms[k], mems[k], rooms[k]
+        tm = tms[k]
+        phases = list(zip(mems[k], rooms[k]))
         if k == pieces - 1:
             last = n
-            if tm[n] - tm[first] > bound * (1 + 1e-9) or mem[n] - mem[first] > room:
+            if tm[n] - tm[first] > bound * (1 + 1e-9) or any(
+                    mem[n] - mem[first] > room for mem, room in phases):
                 return None
         else:
-            last_t = bisect.bisect_right(tm, tm[first] + bound * (1 + 1e-9), first + 1,
-                                         end + 1) - 1
-            last_m = bisect.bisect_right(mem, mem[first] + room, first + 1, end + 1) - 1
-            last = min(last_t, last_m)
+            last = bisect.bisect_right(tm, tm[first] + bound * (1 + 1e-9), first + 1,
+                                       end + 1) - 1
+            for mem, room in phases:
+                last = min(last, bisect.bisect_right(mem, mem[first] + room, first + 1,
+                                                     end + 1) - 1)
             if last <= first:
                 return None
         out.append((first, last))
@@ -660,11 +791,13 @@ def evaluate_split(c, s: Setting, pieces, hop) -> PipelineChoice:
     flight = in_flight(s.p, s.m, s.schedule, s.v)
     fwd, bwd = [0.0] * s.p, [0.0] * s.p
     hold, acts, works, once = [0.0] * s.p, [0.0] * s.p, [0.0] * s.p, [0.0] * s.p
+    updates, fresh = [0.0] * s.p, [0.0] * s.p
     sends, sent_bytes = [0.0] * s.p, [0.0] * s.p
     n = cs[0].num_layers
     for k, (first, last) in enumerate(pieces):
         d = k % s.p
-        f, b, step, held, act, work = tabs[d]
+        t = tabs[d]
+        f, b, step, held, act, work = t.f, t.b, t.step, t.held, t.act, t.work
         cut = cs[d].cut
         out = cut[last - 1] if last < n else 0.0  # activations sent on
         back = cut[first - 1] if first > 0 else 0.0  # their gradients sent back
@@ -676,8 +809,11 @@ def evaluate_split(c, s: Setting, pieces, hop) -> PipelineChoice:
         hold[d] += float(held[first:last].sum())
         acts[d] += float(act[first:last].sum())
         works[d] = max(works[d], float(work[first:last].max()))
+        updates[d] += float(t.update[first:last].sum())
+        fresh[d] += float(t.fresh[first:last].sum())
         once[d] += float(step[first:last].sum())
-    mem = tuple(hold[d] + flight[d] * acts[d] + works[d] for d in range(s.p))
+    mem = tuple(_stage_peak(hold[d], flight[d] * acts[d] + fresh[d], works[d], updates[d])
+                for d in range(s.p))
     pt = pipeline_time(fwd, bwd, s.m, s.schedule, s.v)
     slow = max(range(s.p), key=lambda d: fwd[d] + bwd[d])
     return PipelineChoice(tuple(pieces), s.m, s.schedule, s.v, s.remat, s.zero,
@@ -702,8 +838,9 @@ def selective(c, s: Setting, pieces, limit, uniform: bool = False) -> Setting | 
     rm = np.ones(n, dtype=bool)
     for d in range(s.p):
         mine = [l for k, (a, b) in enumerate(pieces) if k % s.p == d for l in range(a, b)]
-        _, b_none, _, held, act_none, work_none = _tables(cs[d], none)
-        _, b_full, _, _, act_full, work_full = _tables(cs[d], full)
+        t_none, t_full = _tables(cs[d], none), _tables(cs[d], full)
+        b_none, held, act_none, work_none = t_none.b, t_none.held, t_none.act, t_none.work
+        b_full, act_full, work_full = t_full.b, t_full.act, t_full.work
         gain = b_full - b_none  # seconds per microbatch saved by keeping the activations
         extra = flight[d] * (act_none - act_full)  # bytes that keeping them costs
         order = np.array(sorted(mine, key=lambda l: -gain[l] / max(extra[l], 1.0)), int)
@@ -716,7 +853,9 @@ def selective(c, s: Setting, pieces, limit, uniform: bool = False) -> Setting | 
         kept_work = np.concatenate([[0.0], np.maximum.accumulate(work_none[order])])
         left_work = np.concatenate([np.maximum.accumulate(work_full[order][::-1])[::-1],
                                     [0.0]])
-        mem = float(held[order].sum()) + acts + np.maximum(kept_work, left_work)
+        mem = float(held[order].sum()) + np.maximum(
+            acts + float(t_none.fresh[order].sum()) + np.maximum(kept_work, left_work),
+            float(t_none.update[order].sum()))
         over = np.flatnonzero(mem > limits[d])
         k = int(over[0]) - 1 if len(over) else len(order)
         rm[order[:max(k, 0)]] = False

@@ -19,8 +19,8 @@ step that way, with no change to the step:
    a backward after stage k+1's. Values crossing stages are sent to the receiving
    submesh (`jax.device_put`), keeping their layout.
 4. What the backward pass hands to the optimizer (weight gradients: sums over the batch)
-   and the step's other results (the loss) are accumulated over the microbatches, each
-   weighted as it combines: a mean over the batch weighs each microbatch 1/m, a sum 1.
+   and the step's other results (the loss) are accumulated over the microbatches as soon
+   as the program that makes them has run, each weighted as it combines: a mean over the batch weighs each microbatch 1/m, a sum 1.
    Which one it is, is measured once per value: the step is evaluated on one microbatch
    and on that microbatch twice over (a mean stays, a sum doubles). The update programs
    then run once, on the accumulated gradients.
@@ -55,6 +55,8 @@ class _Program:
     inputs: list[int] = dataclasses.field(default_factory=list)
     outputs: list[int] = dataclasses.field(default_factory=list)
     drop: list[int] = dataclasses.field(default_factory=list)  # inputs read last here
+    handed: list[int] = dataclasses.field(default_factory=list)  # made here for the update
+    release: list[int] = dataclasses.field(default_factory=list)  # of those, read no more
     fn: Any = None
     temp: int | None = None  # XLA's temporary bytes per device (when profiled)
 
@@ -290,6 +292,12 @@ class PipelinedStep:
             # stage's output, which the next stage has already consumed).
             pr.drop = [v for v in pr.inputs + pr.outputs
                        if last.get(v, -1) <= i and v not in keep]
+            # What this program hands to the update, taken as soon as it is made (a
+            # stage's weight gradients join the stage's sums after its own backward, not
+            # after the microbatch's last backward); a value remade by recomputation is
+            # taken from its first producer only.
+            pr.handed = [v for v in pr.outputs if v in handed and produced_by[v] is pr]
+            pr.release = [v for v in pr.handed if last.get(v, -1) <= i]
         self._axpy = jax.jit(lambda acc, xs, ws: [a + (w * x).astype(a.dtype)
                                                     for a, x, w in zip(acc, xs, ws)])
         interp = Interpreter(self.graph, dataclasses.replace(self.plan, value_layouts={},
@@ -394,10 +402,10 @@ class PipelinedStep:
                 pr = by_key.get(("forward" if kind == _FORWARD else "backward", k))
                 if pr is not None:
                     self._run(pr, envs[i], flat_inputs)
-                # Every pass of microbatch i is done after stage 0's backward: keep what
-                # the update reads, drop the rest (1F1B's memory saving).
+                    self._accumulate(acc, envs[i], pr)
+                # Every pass of microbatch i is done after stage 0's backward (1F1B's
+                # memory saving).
                 if kind == _BACKWARD and k == 0:
-                    self._accumulate(acc, envs[i])
                     envs[i] = {}
         env = dict(acc)
         envs.append(env)  # the update's values are live too (see `_sample`)
@@ -464,15 +472,16 @@ class PipelinedStep:
         for d, b in held.items():
             self._profile[d] = max(self._profile.get(d, 0), b)
 
-    def _accumulate(self, acc: dict, env: dict) -> None:
-        for v in self.passed:
-            if v in env:
+    def _accumulate(self, acc: dict, env: dict, pr: _Program) -> None:
+        """Adds what `pr` made for the update to the step's sums (`acc`)."""
+        for v in pr.handed:
+            if v in self.passed:
                 acc[v] = env[v]
         # One fused update per device set: acc += weight * x (dispatching op by op cost
         # more than the whole pipeline on small models).
         by_place: dict = {}
-        for v in sorted(self.accumulated):
-            if v in env:
+        for v in pr.handed:
+            if v in self.accumulated:
                 by_place.setdefault(_place(env[v]), []).append(v)
         for vs in by_place.values():
             xs = [env[v] for v in vs]
@@ -481,6 +490,8 @@ class PipelinedStep:
                     jax.device_put(np.zeros(x.shape, x.dtype), x.sharding)  # no compile
                     for v, x in zip(vs, xs)]
             acc.update(zip(vs, self._axpy(olds, xs, ws)))
+        for v in pr.release:
+            env.pop(v, None)
 
 
 def _program_fn(interp: Interpreter, pr: _Program):

@@ -181,9 +181,27 @@ def test_1f1b_holds_at_most_p_microbatches_and_gpipe_all_of_them():
         mem[sched] = evaluate_split(c, s, pieces, hop=lambda b: 0.0).stage_memory
     per_mb = 2 * 10.0 / m  # two layers per stage, 10 bytes saved each per whole batch
     held = 2 * 5.0  # two layers' weights, gradients and optimizer state
+    fresh = 2 * 2.5  # one microbatch's gradients of them, before they join the sums
     for i in range(p):
-        assert mem["gpipe"][i] == pytest.approx(held + m * per_mb)
-        assert mem["1f1b"][i] == pytest.approx(held + min(p - i, m) * per_mb)
+        assert mem["gpipe"][i] == pytest.approx(held + fresh + m * per_mb)
+        assert mem["1f1b"][i] == pytest.approx(held + fresh + min(p - i, m) * per_mb)
+
+
+def test_new_copies_of_the_state_count_after_the_last_backward_not_beside_activations():
+    """State not updated in place is written anew by the update, when no microbatch's
+    activations are held any more: a stage needs the larger of the two phases."""
+    p, m = 2, 4
+    pieces = [(0, 4), (4, 8)]
+    s = Setting(p, m, "gpipe", 1, "none", 0)
+    base = _uniform(n_blocks=6)
+    phases = {}
+    for name, update in (("small", 1.0), ("large", 100.0)):
+        c = dataclasses.replace(base, outputs=np.full(base.num_layers, update))
+        phases[name] = evaluate_split(c, s, pieces, hop=lambda b: 0.0).stage_memory
+    held, fresh, acts = 4 * 5.0, 4 * 2.5, m * 4 * 10.0 / m
+    for i in range(p):
+        assert phases["small"][i] == pytest.approx(held + fresh + acts)  # backward phase
+        assert phases["large"][i] == pytest.approx(held + 4 * 100.0)  # update phase
 
 
 def test_full_recomputation_trades_memory_for_a_second_forward_pass():
