@@ -363,12 +363,16 @@ def stage_candidates(sub: Cluster, c: Constraints) -> list[MeshCandidate]:
 
 
 def _hop(cluster: Cluster, chunks: list[tuple[int, ...]]):
-    """Seconds to send nbytes per device from each stage to the next: the slowest pair."""
-    links = [cluster.link(a[0], b[0]) for a, b in zip(chunks, chunks[1:])]
+    """Seconds to send nbytes per device from each stage to the next: device i of a stage
+    sends to device i of the next (the same position in both stage meshes, whichever
+    order the meshes use), so a hop takes as long as its slowest such pair."""
+    pairs = [cluster.link(a[i], b[i]) for a, b in zip(chunks, chunks[1:])
+             for i in range(min(len(a), len(b)))]
+    bw = np.array([x[0] for x in pairs], dtype=float)
+    lat = np.array([x[1] for x in pairs], dtype=float)
 
     def hop(nbytes: float) -> float:
-        return max((lat + nbytes / bw for bw, lat in links), default=0.0) if nbytes > 0 \
-            else 0.0
+        return float((lat + nbytes / bw).max()) if nbytes > 0 and len(pairs) else 0.0
     return hop
 
 
@@ -426,16 +430,22 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
         # runs the same layouts), and the best pipeline kept.
         generations = [tuple(sorted(d.kind for d in s.devices)) for s in subs]
         leads = [generations.index(g) for g in dict.fromkeys(generations)]
+        # With measured links, the stage plan solved on the first stage's own links may
+        # suit the other stages' links worse than one solved on the tiers alone (every
+        # stage runs the same layouts): both are tried, each costed on every stage's links.
+        measured = cluster.pair_bandwidth is not None or cluster.pair_latency is not None
+        tries = [(lead, False) for lead in leads] + ([(leads[0], True)] if measured else [])
         for cand in stage_candidates(sub, c):
             tp_size = math.prod(sz for a, sz in zip(cand.names, cand.mesh.shape) if a == "tp")
             if tp_size in dropped:
                 continue
             label = f"pp{p} {cand.label}"
             best, ruled_out, least = None, False, math.inf
-            for lead in leads:
+            for lead, blind in tries:
                 own, got = _stage_pipeline(view, live, cluster, c, opts, aliased, grouping,
                                            shared, layers, in_place, act_scale, cand, p,
-                                           chunks, subs, kinds, lead, limits, hop, why)
+                                           chunks, subs, kinds, lead, limits, hop, why,
+                                           blind=blind)
                 at_p[tp_size] = min(at_p.get(tp_size, math.inf), own)
                 ruled_out = got == "ruled out"
                 if isinstance(got, float):  # nothing fits: the least memory found
@@ -495,22 +505,28 @@ def _memory_bound(pipe: PipelineChoice, c: Constraints) -> bool:
 def _stage_pipeline(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions,
                     aliased, grouping, shared, layers, in_place, act_scale: dict,
                     cand: MeshCandidate, p: int, chunks, subs, kinds, lead: int, limits, hop,
-                    why: list[str]):
+                    why: list[str], blind: bool = False):
     """The best pipeline of p stages whose shared intra-op plan is solved on stage
-    `lead`'s devices: (the stage plan's own time, the Solved with its pipeline), with
-    the least memory found (bytes per device) instead of the Solved if no split fits,
-    "ruled out" if the constraints cannot hold on this stage mesh (the reason appended
-    to `why`)."""
+    `lead`'s devices (`blind`: on their tiers, without the measured pair links): (the
+    stage plan's own time, the Solved with its pipeline), with the least memory found
+    (bytes per device) instead of the Solved if no split fits, "ruled out" if the
+    constraints cannot hold on this stage mesh (the reason appended to `why`)."""
     # The stage ILP has no memory rows (its whole-step, whole-batch memory is not a
     # stage's), so memory is kept in check by rule, as Megatron-LM does: weights and
     # optimizer state whole over the stage's dp axis (ZeRO over dp is chosen by the
     # pipeline model) and split over tp; weights moved between layouts are priced once per
     # microbatch, for a typical count. The stage's own memory is checked per layer range.
     moves = _typical_microbatches(view, cand, p)
-    solved = solve_candidate(view, live, subs[lead], cand, _STAGE_RULES, opts, aliased,
+    on = subs[lead].tiers_only() if blind else subs[lead]
+    solved = solve_candidate(view, live, on, cand, _STAGE_RULES, opts, aliased,
                              float("inf"), grouping, shared, exact_memory=False,
                              weight_moves=moves, one_program=False)
     dp_axes = tuple(i for i, a in enumerate(solved.axis_names) if a.startswith("dp"))
+    if blind:  # the stage plan costed on the stage's own links
+        problem = _problem(view, subs[lead], cand, _STAGE_RULES, opts, grouping, shared,
+                           moves, one_program=False)
+        solved = dataclasses.replace(solved, problem=problem,
+                                     assignment=assign(problem, solved.result.choice))
     costs = layer_costs(solved.problem, solved.result.choice, solved.assignment, layers, live,
                         dp_axes, in_place)
     # Calibrate the per-layer activation bytes once per tensor-parallel degree against
