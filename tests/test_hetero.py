@@ -227,6 +227,18 @@ def test_estimate_of_a_pipelined_plan_on_its_own_cluster_is_its_cost():
     assert mp.estimate(step, plan, *ex.args, cluster=slow).step_time > plan.cost.step_time
 
 
+def test_estimate_of_a_pipelined_plan_on_measured_links_is_its_cost():
+    """Every pair of devices linked differently: the search and `estimate` price the
+    stages' hops over the same device pairs, whatever order each stage mesh uses."""
+    ex = _gpt(layers=4)
+    c = _uneven()
+    step = mp.auto_parallel(ex.train_step, cluster=c, time_limit=2)
+    plan = step.plan(*ex.args, constraints=mp.Constraints(pp=4))  # stages of two devices
+    got = mp.estimate(step, plan, *ex.args)
+    assert dict(got.breakdown)["p2p"] > 0
+    assert got.step_time == pytest.approx(plan.cost.step_time, rel=1e-9)
+
+
 def test_per_stage_speed_and_memory_limits_shape_the_split():
     from test_pipeline_planner import _uniform
 
