@@ -9,8 +9,8 @@ checked buffer by buffer against XLA's buffer-assignment dumps of the example mo
    buffers the fused chain starts from instead (so fusing a cheap op *extends* the life of
    its inputs: XLA recomputes `x + b` in the backward pass from the saved matmul result).
    A value is stored when it is a result of the step, when an op that cannot absorb a fused
-   producer reads it (a matmul, a gather, a loop boundary; a reduction, unless it is the
-   value's only reader), or when it is expensive
+   producer reads it (a matmul, a gather, a loop boundary; a large reduction, unless it
+   is the value's only reader: `_tree_reduction`), or when it is expensive
    (exp, tanh, divide, ...) and more than one fusion would have to recompute it. A
    transpose of a weight gradient is thus not a second buffer.
 2. Scheduling orders the stored values. XLA's default memory scheduler runs a greedy list
@@ -185,17 +185,11 @@ def _stored_values(view: PlanningView, consumers: dict[int, list[int]], out_set:
             cons = consumers.get(v, ())
             keep = (not fusible or v in out_set or op.kind == "input")
             if not keep:
-                # A reduction takes in a fused producer only if it alone reads it: XLA:CPU
-                # hands big reductions to YNNPACK fusions, which take in only producers
-                # with no other reader, and rewrites the others into reduce-window +
-                # reduce (`TreeReductionRewriter`), which loop fusion does not enter. So a
-                # transformer's residual sum, read by a LayerNorm and by the next residual
-                # sum, is a buffer of its own (seen in the GPT's HLO at 2-32 blocks).
                 shared = len(set(cons)) > 1
                 for c in cons:
                     cop = ops[c]
                     hard = not (cop.kind == "op" and (cop.prim in _FUSIBLE or (
-                        cop.prim in _ABSORBING and not shared)))
+                        cop.prim in _ABSORBING and not (shared and _tree_reduction(cop)))))
                     if hard and not (op.prim in _VIEW and is_view_of_buffer(op.inputs[0])):
                         keep = True
                         break
@@ -223,6 +217,22 @@ def _stored_values(view: PlanningView, consumers: dict[int, list[int]], out_set:
 
 # ----------------------------------------------------------------------------------------
 # 2. Scheduling units: single ops at top level, whole loops as one unit.
+
+
+def _tree_reduction(op) -> bool:
+    """Whether XLA:CPU turns this reduction into a fusion that takes in only producers it
+    alone reads: a YNNPACK fusion (`_YNN_MIN_ELEMENTS` or more elements; judged on the
+    whole array, as this is plan-independent) or, with a reduced dimension over 32, a
+    reduce-window + reduce (`TreeReductionRewriter`) that loop fusion does not enter. So a
+    transformer's residual sum, read by a LayerNorm and by the next residual sum, is a
+    buffer of its own (seen in the GPT's HLO at 2-32 blocks). Smaller reductions are
+    loop fusions that compute a shared element-wise producer again."""
+    if op.prim == "scan_stack" or op.dims is None or not op.dims.loop_sizes:
+        return False  # a scan's stacking write is not a reduction
+    loops = op.dims.loop_sizes
+    if op.prim in _YNN_REDUCE and math.prod(loops) >= _YNN_MIN_ELEMENTS:
+        return True
+    return any(loops[l] > 32 for l in op.dims.reduced_loops)
 
 
 def _units(view: PlanningView) -> list[list[int]]:

@@ -80,7 +80,8 @@ class LayerCosts:
       flops: FLOPs per device.
       dp_size: devices of the stage mesh that split the batch (microbatches divide B/dp).
       batch: the global batch (dim 0 of the data).
-      act_scale: factor on activation and working bytes (see `calibrated`).
+      act_scale: factor on activation, working and rebuilt-residual bytes (see
+        `calibrated`).
     """
 
     forward: np.ndarray
@@ -112,10 +113,12 @@ class LayerCosts:
                                           compare=False)
 
     def calibrated(self, exact_peak: float) -> "LayerCosts":
-        """The same tables with activations scaled so that one stage holding every layer
-        with one microbatch peaks at `exact_peak` (the whole-step memory model's answer
-        for the same plan, checked against XLA): XLA's buffers beyond the saved
-        activations (loop-state copies, stacked gradients of a scan) scale with them."""
+        """The same tables with activations scaled so that, for one stage holding every
+        layer with one microbatch, state + new copies of it + activations + working set
+        come to `exact_peak` (the whole-step memory model's answer for the same plan,
+        checked against XLA, whose one program writes the new state while activations
+        are live): XLA's buffers beyond the saved activations (loop-state copies, stacked
+        gradients of a scan) scale with them. Never scaled down."""
         t = _tables(self, Setting(1, 1, "1f1b", 1, "none", 0))
         base = float(t.act.sum() + t.work.max())
         if base <= 0:
@@ -601,9 +604,8 @@ def _recomputed(s: Setting, n: int) -> np.ndarray:
 
 
 def _tables(c: LayerCosts, s: Setting):
-    """Per layer under `s`: per-microbatch (forward, backward) seconds, per-step seconds,
-    bytes held for the whole step, bytes saved per in-flight microbatch, working bytes
-    (memoised on `c`; the arrays are shared, never written)."""
+    """The `_Tables` of `c` under `s` (memoised on `c`; the arrays are shared, never
+    written)."""
     key = (s.m, s.remat, s.zero, s.recompute if s.remat == "layers" else ())
     if key not in c.tables_memo:
         c.tables_memo[key] = _compute_tables(c, s)
@@ -625,9 +627,10 @@ class _Tables(NamedTuple):
 
 def _stage_peak(held: float, running: float, work: float, update: float) -> float:
     """A stage's peak bytes: its state, plus the larger of the forward/backward phase
-    (`running`: in-flight activations and one microbatch's weight gradients before they
-    join the sums; `work`: one layer's temporaries) and the update phase (the new copies
-    of state not updated in place), which follows the last backward pass."""
+    (`running`: in-flight activations, and one backward program's weight gradients before
+    they join the sums and the residuals it rebuilds; `work`: one layer's temporaries) and
+    the update phase (the new copies of state not updated in place), which follows the
+    last backward pass."""
     return held + max(running + work, update)
 
 
@@ -736,13 +739,14 @@ def split(c, s: Setting, limit):
         if hi - lo <= 1e-6 * hi:
             break
     if s.v > 1 and best is not None:
-        held, acts, updates = [0.0] * s.p, [0.0] * s.p, [0.0] * s.p
+        held, acts, fresh, updates = [0.0] * s.p, [0.0] * s.p, [0.0] * s.p, [0.0] * s.p
         for k, (a, b) in enumerate(best):
             d = k % s.p
             held[d] += hms[d][b] - hms[d][a]
-            acts[d] += flight[d] * (ams[d][b] - ams[d][a]) + fms[d][b] - fms[d][a]
+            acts[d] += flight[d] * (ams[d][b] - ams[d][a])
+            fresh[d] = max(fresh[d], fms[d][b] - fms[d][a])  # one chunk's program at a time
             updates[d] += ums[d][b] - ums[d][a]
-        if any(_stage_peak(held[d], acts[d], works[d], updates[d]) > limits[d]
+        if any(_stage_peak(held[d], acts[d] + fresh[d], works[d], updates[d]) > limits[d]
                for d in range(s.p)):
             return None
     return best
@@ -810,7 +814,9 @@ def evaluate_split(c, s: Setting, pieces, hop) -> PipelineChoice:
         acts[d] += float(act[first:last].sum())
         works[d] = max(works[d], float(work[first:last].max()))
         updates[d] += float(t.update[first:last].sum())
-        fresh[d] += float(t.fresh[first:last].sum())
+        # One backward program's gradients and rebuilt residuals at a time: a device's
+        # interleaved chunks are separate programs, each summed into the step's sums.
+        fresh[d] = max(fresh[d], float(t.fresh[first:last].sum()))
         once[d] += float(step[first:last].sum())
     mem = tuple(_stage_peak(hold[d], flight[d] * acts[d] + fresh[d], works[d], updates[d])
                 for d in range(s.p))
@@ -853,9 +859,12 @@ def selective(c, s: Setting, pieces, limit, uniform: bool = False) -> Setting | 
         kept_work = np.concatenate([[0.0], np.maximum.accumulate(work_none[order])])
         left_work = np.concatenate([np.maximum.accumulate(work_full[order][::-1])[::-1],
                                     [0.0]])
+        # A kept layer's backward rebuilds its cheap residuals (in `fresh`); a recomputed
+        # one's makes them with its forward pass again (in its `work`).
+        fresh = t_full.fresh[order].sum() + np.concatenate(
+            [[0.0], np.cumsum(t_none.fresh[order] - t_full.fresh[order])])
         mem = float(held[order].sum()) + np.maximum(
-            acts + float(t_none.fresh[order].sum()) + np.maximum(kept_work, left_work),
-            float(t_none.update[order].sum()))
+            acts + fresh + np.maximum(kept_work, left_work), float(t_none.update[order].sum()))
         over = np.flatnonzero(mem > limits[d])
         k = int(over[0]) - 1 if len(over) else len(order)
         rm[order[:max(k, 0)]] = False

@@ -548,6 +548,8 @@ def _stage_pipeline(view, live, cluster: Cluster, c: Constraints, opts: SearchOp
     dp = costs.dp_size
     per_replica = costs.batch // dp
     if c.num_microbatches and (costs.batch % dp or per_replica % c.num_microbatches):
+        if blind:  # said once, by the try on the stage's own links
+            return own, "ruled out"
         why.append(f"num_microbatches={c.num_microbatches} does not divide the "
                    f"{per_replica} samples each of dp={dp} replicas gets from the "
                    f"batch of {costs.batch}")

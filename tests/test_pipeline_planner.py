@@ -222,7 +222,11 @@ def test_stage_split_equals_brute_force_under_memory_limits():
         n = c.num_layers
         t = rng.uniform(0.5, 3.0, n)
         held = rng.uniform(1.0, 10.0, n)
-        c = dataclasses.replace(c, forward=t, backward=2 * t, weights=held / 2)
+        # Both memory phases: new copies of state (the update's) on odd trials, and
+        # residuals the backward programs rebuild.
+        update = rng.uniform(0.0, 20.0, n) if trial % 2 else np.zeros(n)
+        c = dataclasses.replace(c, forward=t, backward=2 * t, weights=held / 2,
+                                outputs=update, rebuilt=rng.uniform(0.0, 8.0, n))
         p = int(rng.integers(2, 4))
         s = Setting(p, 4, "1f1b", 1, "none", 0)
         limit = float(rng.uniform(15, 60))
@@ -327,10 +331,13 @@ def test_when_nothing_fits_the_error_names_the_smallest_memory_that_would(gpt4):
         step.plan(*gpt4.args, compare_baselines=False)
 
 
-def test_per_layer_recomputation_fills_the_memory_between_none_and_full():
+@pytest.mark.parametrize("rebuilt", [0.0, 20.0])
+def test_per_layer_recomputation_fills_the_memory_between_none_and_full(rebuilt):
     from meshplan.planner._pipe import best_pipeline, selective
 
     c = _uniform(n_blocks=6, fwd=1.0, saved=10.0, held=5.0)
+    # Residuals a kept layer's backward rebuilds count only while it is kept.
+    c = dataclasses.replace(c, rebuilt=np.full(c.num_layers, rebuilt))
     s = Setting(2, 4, "1f1b", 1, "full", 0)
     pieces = split(c, s, limit=math.inf)
     mem = lambda remat, **kw: evaluate_split(c, dataclasses.replace(s, remat=remat, **kw),
