@@ -476,3 +476,41 @@ def test_pinned_pipeline_that_does_not_fit_says_how_much_memory_it_needs():
                              constraints=mp.Constraints(pp=2))
     plan = roomy.plan(*ex.args, compare_baselines=False)
     assert plan.stages and plan.cost.peak_memory <= min(found) * 1.02
+
+
+@pytest.mark.parametrize("name", ["gpt", "gpt_scan"])
+def test_layer_temporaries_are_the_most_bytes_live_at_once_inside_one_pass(name):
+    """The event sweep of `_TransientIndex` against a phase-by-phase count: per (layer,
+    pass), the values made there and last read before the pass ends, live together."""
+    from meshplan.planner._memory import liveness
+    from meshplan.planner._pipe import _make_transient_index
+
+    _, _, view, pairs = _view(name, layers=3)
+    layers = find_layers(view, pairs)
+    live = liveness(view)
+    index = _make_transient_index(view, layers, live)
+    rng = np.random.default_rng(0)
+    sizes = rng.uniform(1.0, 100.0, len(index.values))  # any per-value sizes
+    got = index.peaks(sizes)
+
+    span, made_in = {}, {}
+    for k, op in enumerate(view.ops):
+        phase = layers.op_pass.get(op.id, "step")
+        if phase != "step" and live.op_first[k] >= 0:
+            g = (layers.op_layer.get(op.id, 0), phase)
+            lo, hi = span.get(g, (math.inf, -1))
+            span[g] = (min(lo, 2 * live.op_first[k]), max(hi, 2 * live.op_last[k] + 1))
+            made_in.update((v, g) for v in op.outputs)
+    size_of = dict(zip(index.values, sizes))
+    expect = {}
+    for v, a, b, out in zip(live.temps, live.start, live.end, live.is_out):
+        g = made_in.get(v)
+        if g is None or out or b > span[g][1]:
+            continue
+        assert v in size_of
+        curve = expect.setdefault(g, np.zeros(span[g][1] + 2))
+        curve[a:b + 1] += size_of[v]
+    assert len(expect) == len(got) > 3
+    want = [expect[g].max() for g in sorted(expect)]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert list(index.layer) == [g[0] for g in sorted(expect)]
