@@ -62,10 +62,9 @@ class LayerCosts:
       saved: bytes of forward activations the backward pass reads (whole batch).
       inputs: bytes of the activations entering the layer (whole batch): all a layer keeps
         under full recomputation.
-      working: bytes of the layer's largest value (whole batch).
       transient: bytes of the layer's temporaries (whole batch): the most live at once of
         the values that are made and die inside its forward pass, or inside its backward
-        pass, on the whole-step memory model's schedule (None: 2 x working stands in).
+        pass, on the whole-step memory model's schedule.
       rebuilt: bytes of the saved activations that the pipelined backward program makes
         again from others instead of keeping (whole batch; see `_rebuilt`).
       weights_dp, opt_state_dp: the part of weights / optimizer state not yet split over
@@ -91,7 +90,7 @@ class LayerCosts:
     opt_state: np.ndarray
     saved: np.ndarray
     inputs: np.ndarray
-    working: np.ndarray
+    transient: np.ndarray
     cut: np.ndarray
     flops: np.ndarray
     weights_dp: np.ndarray
@@ -105,7 +104,6 @@ class LayerCosts:
     forward_fixed: np.ndarray | None = None
     backward_fixed: np.ndarray | None = None
     act_scale: float = 1.0
-    transient: np.ndarray | None = None
     rebuilt: np.ndarray | None = None
     # _tables per (m, remat, zero, recomputed layers): the split search asks for the same
     # few hundred times, once per stage (a copy made by dataclasses.replace starts empty).
@@ -209,7 +207,7 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
     z = lambda: np.zeros(n)
     fwd, bwd, step, flops, sent, fflops = z(), z(), z(), z(), z(), z()
     fwd_fixed, bwd_fixed = z(), z()
-    weights, opt, saved, inputs, working = z(), z(), z(), z(), z()
+    weights, opt, saved, inputs, transient = z(), z(), z(), z(), z()
     index = _activation_index(view, layers, live)
     groups = _group_index(view, layers, problem.grouping)
     value_layout, op_layouts = assignment.value_layout, assignment.op_layouts
@@ -321,7 +319,6 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
     _spread_all(layers, rb.layer, per_device_all(rb.values, rb.nbytes) * rb.copies, rebuilt)
     fv = index.forward
     b = per_device_all(fv.values, fv.nbytes)
-    _spread_max_all(layers, fv.layer, b, working)
     crosses = fv.last > fv.first  # read by a later layer: crosses every cut between them
     cut = np.zeros(n + 1)
     np.add.at(cut, fv.first[crosses], b[crosses])
@@ -333,15 +330,13 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
     inputs[1:] = cut[:-1]
     inputs[0] = 0.0
     tv = _transient_index(view, layers, live)
-    transient = z()
     if tv.values:
         peaks = tv.peaks(per_device_all(tv.values, tv.nbytes))
         _spread_max_all(layers, tv.layer, peaks, transient)
     dp_size = math.prod(mesh_shape[a] for a in dp_axes) if dp_axes else 1
-    return LayerCosts(fwd, bwd, step, weights, opt, saved, inputs, working, cut, flops,
+    return LayerCosts(fwd, bwd, step, weights, opt, saved, inputs, transient, cut, flops,
                       weights_dp, opt_dp, gather, sent, fflops, outputs, dp_size,
-                      _global_batch(view), fwd_fixed, bwd_fixed, transient=transient,
-                      rebuilt=rebuilt)
+                      _global_batch(view), fwd_fixed, bwd_fixed, rebuilt=rebuilt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -651,13 +646,8 @@ def _compute_tables(c: LayerCosts, s: Setting) -> _Tables:
     held = 2 * weights + opt
     act = c.act_scale * np.where(rm, c.inputs, c.saved) / s.m
     # A layer's temporaries; a recomputed layer also rebuilds its saved activations while
-    # its backward runs. Without a measure of the temporaries: an op's input and its
-    # output of the largest size (one of them is among the rebuilt activations).
-    if c.transient is None:
-        work = np.where(rm, c.working + c.saved, 2 * c.working)
-    else:
-        work = np.where(rm, c.transient + c.saved, c.transient)
-    work = c.act_scale * work / s.m
+    # its backward runs.
+    work = c.act_scale * np.where(rm, c.transient + c.saved, c.transient) / s.m
     # The pipelined executor's backward program rebuilds cheap residuals of all its
     # layers first, and adds each microbatch's weight gradients to the step's sums after
     # the program has written them out whole.

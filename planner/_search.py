@@ -523,10 +523,9 @@ def _stage_pipeline(view, live, cluster: Cluster, c: Constraints, opts: SearchOp
                              weight_moves=moves, one_program=False)
     dp_axes = tuple(i for i, a in enumerate(solved.axis_names) if a.startswith("dp"))
     if blind:  # the stage plan costed on the stage's own links
-        problem = _problem(view, subs[lead], cand, _STAGE_RULES, opts, grouping, shared,
-                           moves, one_program=False)
-        solved = dataclasses.replace(solved, problem=problem,
-                                     assignment=assign(problem, solved.result.choice))
+        problem, assignment = _on_devices(view, subs[lead], solved, opts, grouping, shared,
+                                          moves)
+        solved = dataclasses.replace(solved, problem=problem, assignment=assignment)
     costs = layer_costs(solved.problem, solved.result.choice, solved.assignment, layers, live,
                         dp_axes, in_place)
     # Calibrate the per-layer activation bytes once per tensor-parallel degree against
@@ -619,20 +618,27 @@ def _stage_costs(costs, solved: Solved, view, live, subs, kinds, base, layers, d
     devices and links, e.g. an older GPU generation: its layers take longer, so the split
     gives it fewer."""
     by_kind = {base: costs}
-    cand, choice = solved.candidate, solved.result.choice
     for sub, kind in zip(subs, kinds):
         if kind in by_kind:
             continue
-        problem = _problem(view, sub, cand, _STAGE_RULES, opts, grouping, shared,
-                           weight_moves, one_program=False)
-        # Strategies are enumerated from the mesh shape and the graph alone, so the
-        # solved choice indexes the same strategies on any devices.
-        assert [len(x) for x in problem.strategies] == \
-            [len(x) for x in solved.problem.strategies]
-        other = layer_costs(problem, choice, assign(problem, choice), layers, live, dp_axes,
+        problem, assignment = _on_devices(view, sub, solved, opts, grouping, shared,
+                                          weight_moves)
+        other = layer_costs(problem, solved.result.choice, assignment, layers, live, dp_axes,
                             in_place)
         by_kind[kind] = dataclasses.replace(other, act_scale=costs.act_scale)
     return [by_kind[k] for k in kinds]
+
+
+def _on_devices(view, sub: Cluster, solved: Solved, opts: SearchOptions, grouping, shared,
+                weight_moves) -> tuple:
+    """(problem, assignment) of the solved stage plan on the devices and links of `sub`."""
+    problem = _problem(view, sub, solved.candidate, _STAGE_RULES, opts, grouping, shared,
+                       weight_moves, one_program=False)
+    # Strategies are enumerated from the mesh shape and the graph alone, so the solved
+    # choice indexes the same strategies on any devices.
+    assert [len(x) for x in problem.strategies] == \
+        [len(x) for x in solved.problem.strategies]
+    return problem, assign(problem, solved.result.choice)
 
 
 def _typical_microbatches(view, cand: MeshCandidate, p: int) -> float:

@@ -20,7 +20,8 @@ step that way, with no change to the step:
    submesh (`jax.device_put`), keeping their layout.
 4. What the backward pass hands to the optimizer (weight gradients: sums over the batch)
    and the step's other results (the loss) are accumulated over the microbatches as soon
-   as the program that makes them has run, each weighted as it combines: a mean over the batch weighs each microbatch 1/m, a sum 1.
+   as the program that makes them has run, each weighted as it combines: a mean over the
+   batch weighs each microbatch 1/m, a sum 1.
    Which one it is, is measured once per value: the step is evaluated on one microbatch
    and on that microbatch twice over (a mean stays, a sum doubles). The update programs
    then run once, on the accumulated gradients.

@@ -153,7 +153,7 @@ def _uniform(n_blocks=8, fwd=1.0, saved=10.0, held=5.0):
     f = np.full(n, fwd)
     return LayerCosts(forward=f, backward=2 * f, step=z.copy(), weights=np.full(n, held / 2),
                       opt_state=z.copy(), saved=np.full(n, saved), inputs=np.full(n, 1.0),
-                      working=z.copy(), cut=np.zeros(n), flops=z.copy(),
+                      transient=z.copy(), cut=np.zeros(n), flops=z.copy(),
                       weights_dp=z.copy(), opt_state_dp=z.copy(), gather=z.copy(),
                       sent=z.copy(), forward_flops=z.copy(), outputs=z.copy(), dp_size=1,
                       batch=64)
