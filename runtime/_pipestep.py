@@ -13,7 +13,10 @@ step that way, with no change to the step:
    program runs the forward ops of its recomputed layers again, so only their inputs are
    kept between a microbatch's passes. Without it, a backward program still rebuilds the
    residuals that cheap ops make from values it keeps anyway (a softmax's exponentials
-   and quotient from its scores), as XLA's fusion does inside one program.
+   and quotient from its scores), as XLA's fusion does inside one program; likewise any
+   program makes again the cheap values another stage would send it (a mask broadcast to
+   the microbatch), and each stage's update computes the scalars it needs from Adam's step
+   count itself.
 3. The programs run in the order of the plan's schedule (`schedule_table`: GPipe, 1F1B or
    interleaved 1F1B): a forward program of stage k for microbatch i after stage k-1's,
    a backward after stage k+1's. Values crossing stages are sent to the receiving
@@ -44,6 +47,10 @@ from meshplan.runtime._apply import Interpreter, read_value
 from meshplan.runtime._pipeline import _BACKWARD, _FORWARD, schedule_table
 
 __all__ = ["PipelinedStep"]
+
+# Values this small (a few scalars) that the update computes from state alone are
+# computed again by every stage that reads them, rather than sent between programs.
+_TINY_BYTES = 64
 
 
 @dataclasses.dataclass
@@ -173,10 +180,52 @@ class PipelinedStep:
             stack += [made[u] for u in n.inputs if u in made and memo.get(u)]
         return need
 
+    def _rebuild_crossing(self, order: list[_Program]) -> None:
+        """Let each per-microbatch program make again the cheap values it reads from
+        another stage's programs (a mask broadcast to the microbatch, made from constants
+        and small values), as XLA would inside one program: sent instead, such a value
+        stays on its maker's devices until its last reader, maybe stages later, has run.
+        Only constants and values the program reads anyway count as at hand: state is
+        never copied to another stage for this."""
+        g = self.graph
+        maker = {v: n for pr in order for n in pr.nodes for v in n.outputs}
+        position = {n.id: i for i, n in enumerate(g.nodes)}
+        for pr in order:
+            own = {v for n in pr.nodes for v in n.outputs}
+            reads = {v for n in pr.nodes for v in n.inputs if v in maker and v not in own}
+            if not reads:
+                continue
+            free = lambda u: g.values[u].is_const or u in reads  # noqa: E731
+            memo = rebuildable(reads, {v: (n.primitive, n.inputs, len(n.outputs))
+                                       for v, n in maker.items()}, free, g.values)
+            mine = {n.id for n in pr.nodes}
+            need, stack = {}, [maker[v] for v in reads if memo[v]]
+            while stack:  # each rebuilt value's chain of rebuilt operands
+                n = stack.pop()
+                if n.id not in need and n.id not in mine:
+                    need[n.id] = n
+                    stack += [maker[u] for u in n.inputs if u in maker and memo.get(u)]
+            if need:  # in the step's order (a rebuilt op may read this program's values)
+                pr.nodes = sorted([*need.values(), *pr.nodes], key=lambda n: position[n.id])
+
     def _step_programs(self, nodes, where) -> list[_Program]:
         """The update's nodes as few programs as dependencies allow: one per stage and
-        level, a level further each time a value crosses stages (Adam's step count is
-        computed once and read by every stage's update)."""
+        level, a level further each time a value crosses stages (a global gradient norm
+        is summed over every stage's gradients before any stage's update reads it).
+
+        Scalars computed from state and constants alone (Adam's step count and the bias
+        corrections made from it) are computed again by each stage that reads them: that
+        costs nothing, and each stage's update stays one program instead of two with
+        parameter-sized values held between them."""
+        g = self.graph
+        state = set(g.inputs) - self.data_values
+        tiny = lambda v: g.values[v].nbytes <= _TINY_BYTES  # noqa: E731
+        scalars: dict[int, Any] = {}  # value -> the node computing it from state alone
+        for node in nodes:
+            if all(tiny(v) for v in node.outputs) and all(
+                    tiny(u) and (u in state or g.values[u].is_const or u in scalars)
+                    for u in node.inputs):
+                scalars.update((v, node) for v in node.outputs)
         level: dict[int, int] = {}
         stage_of_value: dict[int, tuple[int, int]] = {}
         groups: dict[tuple[int, int], list] = {}
@@ -184,14 +233,27 @@ class PipelinedStep:
             k = where[node.id][1]
             lv = 0
             for v in node.inputs:
-                if v in stage_of_value:
+                if v in stage_of_value and v not in scalars:
                     src_stage, src_level = stage_of_value[v]
                     lv = max(lv, src_level + (src_stage != k))
             level[node.id] = lv
             for v in node.outputs:
                 stage_of_value[v] = (k, lv)
             groups.setdefault((lv, k), []).append(node)
-        return [_Program("step", k, groups[lv, k]) for lv, k in sorted(groups)]
+        position = {n.id: i for i, n in enumerate(nodes)}
+        out = []
+        for lv, k in sorted(groups):
+            group = groups[lv, k]
+            mine = {n.id for n in group}
+            need, stack = {}, [scalars[u] for n in group for u in n.inputs if u in scalars]
+            while stack:  # the scalars this program reads, and what they are made from
+                n = stack.pop()
+                if n.id not in mine and n.id not in need:
+                    need[n.id] = n
+                    stack += [scalars[u] for u in n.inputs if u in scalars]
+            out.append(_Program("step", k, sorted([*need.values(), *group],
+                                                  key=lambda n: position[n.id])))
+        return out
 
     def _programs(self, labels) -> None:
         g = self.graph
@@ -238,14 +300,22 @@ class PipelinedStep:
                 ids = {n.id for n in fwd.nodes}
                 pr.nodes = [n for n in fwd.nodes if n.id in again] + \
                     [n for n in pr.nodes if n.id not in ids]
+        self._rebuild_crossing(order)
         order += self._step_programs([n for pr in progs if pr.kind == "step" for n in pr.nodes],
                                      where)
         self.programs = order
+        # A value's producer is the program that makes it first in a microbatch's run
+        # (forward stages in order, then backward stages in reverse, then the update),
+        # and only it hands the value on: a later one that makes it again (a recomputed
+        # layer, a rebuilt residual such as a mask) keeps its copy to itself, or that copy
+        # would replace the first among the microbatch's values and stay on its stage's
+        # devices until the value's last reader, on another stage, had run.
         produced_by: dict[int, _Program] = {}
-        for pr in order:
+        for pr in sorted((pr for pr in order if pr.kind != "step"), key=_run_rank) + \
+                [pr for pr in order if pr.kind == "step"]:
             for node in pr.nodes:
                 for v in node.outputs:
-                    produced_by.setdefault(v, pr)  # recomputed values: the first producer
+                    produced_by.setdefault(v, pr)
         readers: dict[int, set[int]] = {}
         for i, pr in enumerate(order):
             made = {v for node in pr.nodes for v in node.outputs}
@@ -259,8 +329,8 @@ class PipelinedStep:
                 readers.setdefault(v, set()).add(i)
         outs = set(self.out_values) | {u for ps in self.output_pieces.values() for u in ps}
         for i, pr in enumerate(order):
-            pr.outputs = [v for node in pr.nodes for v in node.outputs
-                          if v in outs or readers.get(v, set()) - {i}]
+            pr.outputs = [v for node in pr.nodes for v in node.outputs if produced_by[v] is pr
+                          and (v in outs or readers.get(v, set()) - {i})]
         self.produced_by = produced_by
         # Values handed from a per-microbatch pass to the update (or returned): those
         # computed from the data are accumulated over the microbatches; the others (index
@@ -279,26 +349,28 @@ class PipelinedStep:
         # run (forward stages in order, then backward stages in reverse): a stage's saved
         # activations go when its backward is done, as the schedule's memory model has it.
         per_micro = [pr for pr in order if pr.kind != "step"]
-        rank = lambda pr: (pr.kind == "backward", -pr.stage if pr.kind == "backward"
-                           else pr.stage)
-        ranked = sorted(per_micro, key=rank)
+        ranked = sorted(per_micro, key=_run_rank)
         last: dict[int, int] = {}
         for i, pr in enumerate(ranked):
             for v in pr.inputs:
                 last[v] = i
         keep = handed | outs
         for i, pr in enumerate(ranked):
-            # Inputs read here for the last time, and results no later program reads (a
-            # backward program that recomputes its stage's forward also remakes the
-            # stage's output, which the next stage has already consumed).
+            # Inputs read here for the last time, and results no later program reads.
             pr.drop = [v for v in pr.inputs + pr.outputs
                        if last.get(v, -1) <= i and v not in keep]
             # What this program hands to the update, taken as soon as it is made (a
             # stage's weight gradients join the stage's sums after its own backward, not
-            # after the microbatch's last backward); a value remade by recomputation is
-            # taken from its first producer only.
-            pr.handed = [v for v in pr.outputs if v in handed and produced_by[v] is pr]
+            # after the microbatch's last backward); outputs are the producer's only.
+            pr.handed = [v for v in pr.outputs if v in handed]
             pr.release = [v for v in pr.handed if last.get(v, -1) <= i]
+        # The update's own intermediates (one stage's update program hands on to another,
+        # or to its next level) go after their last reader, as in one XLA program; the
+        # step's results stay.
+        updates = [pr for pr in order if pr.kind == "step"]
+        last = {v: i for i, pr in enumerate(updates) for v in pr.inputs}
+        for i, pr in enumerate(updates):
+            pr.drop = [v for v in pr.outputs if last.get(v, -1) <= i and v not in outs]
         self._axpy = jax.jit(lambda acc, xs, ws: [a + (w * x).astype(a.dtype)
                                                     for a, x, w in zip(acc, xs, ws)])
         interp = Interpreter(self.graph, dataclasses.replace(self.plan, value_layouts={},
@@ -493,6 +565,12 @@ class PipelinedStep:
             acc.update(zip(vs, self._axpy(olds, xs, ws)))
         for v in pr.release:
             env.pop(v, None)
+
+
+def _run_rank(pr: _Program) -> tuple[bool, int]:
+    """Where the per-microbatch program `pr` runs in a microbatch's passes: forward stages
+    in order, then backward stages in reverse."""
+    return pr.kind == "backward", -pr.stage if pr.kind == "backward" else pr.stage
 
 
 def _program_fn(interp: Interpreter, pr: _Program):

@@ -54,6 +54,7 @@ def test_pipelined_step_equals_unpipelined(gpts, blocks, devices, pp, schedule, 
     # Loss, parameters and optimizer state each as a whole (see test_runtime).
     errors = [_rel(a, b) for a, b in zip(out, ref)]
     assert max(errors) < 1e-5, errors
+    _check_handover(step._jitted(ex.args, plan).runner)
     if remat == "full":  # backward programs recompute their stage's forward ops, so
         # forward programs hand on only what other stages read: less than without remat
         runner = step._jitted(ex.args, plan).runner
@@ -225,6 +226,31 @@ def test_the_block_scan_is_cut_at_the_stage_boundaries():
     assert _scansplit.block_ranges([(0, 3), (3, 6)], 4) == ((0, 2), (2, 4))
 
 
+def _check_handover(runner):
+    """What the executor's programs hand each other (AdamW, no clipping): a value is
+    handed on by one program only (a recomputed or rebuilt copy stays inside the program
+    that makes it again), a broadcast is made again where it is read rather than sent from
+    another stage and held there for its readers, and the scalars made from Adam's step
+    count are computed again by each stage's update instead of sent (a stage's update
+    would otherwise be cut in two around them, with parameter-sized values held between
+    the two programs)."""
+    per_micro = [pr for pr in runner.programs if pr.kind != "step"]
+    handed = [v for pr in runner.programs for v in pr.outputs]
+    assert len(handed) == len(set(handed)), "a value handed on by two programs"
+    op = {v: n.primitive for n in runner.graph.nodes for v in n.outputs}
+    sent = [(pr.kind, pr.stage, v) for pr in per_micro for v in pr.inputs
+            if op.get(v) == "broadcast_in_dim" and v in runner.produced_by
+            and runner.produced_by[v].stage != pr.stage]
+    assert not sent, sent
+    # No update program waits for a scalar from another stage's update.
+    updates = [pr for pr in runner.programs if pr.kind == "step"]
+    scalars = [(pr.stage, v) for pr in updates for v in pr.inputs
+               if v in runner.produced_by and runner.produced_by[v].kind == "step"
+               and runner.produced_by[v].stage != pr.stage
+               and runner.graph.values[v].nbytes <= 8]
+    assert not scalars, scalars
+
+
 SCANNED = [  # (example, devices, pp, schedule, tp, dp, remat); 4 blocks in one scan
     ("gpt_scan", 8, 2, "1f1b", 2, 2, "none"),  # nnx.scan; tensor and data parallel
     ("transformer_scan", 8, 2, "interleaved", 2, None, "none"),  # lax.scan; 4 chunks
@@ -248,6 +274,7 @@ def test_a_scanned_model_runs_pipelined_and_equals_unpipelined(name, devices, pp
     out = run(*ex.args)
     assert max(_rel(a, b) for a, b in zip(out, ref)) < 1e-5
     runner = run.runner
+    _check_handover(runner)
     # Each stage's scans run exactly its blocks (pipeline layers 1..4 are scan steps 0..3).
     blocks = {k: min(hi, 5) - max(lo, 1) for k, (lo, hi) in
               enumerate(s.layers for s in plan.stages)}
