@@ -495,18 +495,27 @@ def _make_activation_index(view, layers: Layers, live) -> _ActivationIndex:
                 backward_read.add(v)
             elif phase == "forward" and layer != SPREAD:
                 last_reader[v] = max(last_reader.get(v, -1), layer)
+    # A scan keeps the body values its backward reads as its stacked outputs, which the
+    # pipelined executor holds between the passes, fused or not: every one, whichever
+    # pass the body op that makes it belongs to (JAX's linearisation computes some
+    # derivative factors, such as 1 - tanh^2, inside the forward scan's body and stacks
+    # them), and no other (a body value read by such a factor is used up in its trip).
+    stacked = {op.inputs[0] for op in view.ops
+               if op.prim == "scan_stack" and op.outputs[0] in backward_read}
     saved, forward, carries = [], [], []
     for op in view.ops:
         phase, layer = where(op.id)
         if op.prim == "carry" and phase == "forward":
             carries += op.outputs
-        if phase != "forward" or op.kind == "input":
+        if op.kind == "input":
             continue
         for v in op.outputs:
-            # A scan keeps every body value its backward reads (as stacked residuals,
-            # which the pipelined executor holds between the passes), fused or not.
-            if (v in stored or layer == SPREAD) and v in backward_read:
-                saved.append((v, layer, op.mult if layer == SPREAD else 1))
+            if layer == SPREAD and v in stacked:
+                saved.append((v, layer, op.mult))
+            if phase != "forward":
+                continue
+            if layer != SPREAD and v in stored and v in backward_read:
+                saved.append((v, layer, 1))
             lo = layers.num_blocks if layer == SPREAD else layer
             forward.append((v, layer, 1, lo, last_reader.get(v, -1)))
     rebuilt = _rebuilt(view, {s[0] for s in saved}, where)

@@ -514,3 +514,34 @@ def test_layer_temporaries_are_the_most_bytes_live_at_once_inside_one_pass(name)
     want = [expect[g].max() for g in sorted(expect)]
     np.testing.assert_allclose(got, want, rtol=1e-12)
     assert list(index.layer) == [g[0] for g in sorted(expect)]
+
+
+@pytest.mark.parametrize("name", ["gpt_scan", "transformer_scan"])
+def test_a_scan_saves_exactly_the_residuals_jax_stacks_for_its_backward(name):
+    """A scanned block's saved activations are the forward scan's stacked outputs, read
+    back by the backward scan: counted from JAX's own jaxpr, their bytes per trip equal
+    the planner's (derivative factors JAX computes in the forward body included, body
+    values used up inside their trip excluded)."""
+    from meshplan.planner._memory import liveness
+    from meshplan.planner._pipe import _make_activation_index
+
+    ex, _, view, pairs = _view(name, layers=4)
+    layers = find_layers(view, pairs)
+    index = _make_activation_index(view, layers, liveness(view))
+    body = index.saved.layer == SPREAD
+    planned = float((index.saved.nbytes[body] * index.saved.copies[body]).sum())
+
+    def scans(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "scan":
+                yield e
+            for p in e.params.values():
+                sub = getattr(p, "jaxpr", p)
+                if hasattr(sub, "eqns"):
+                    yield from scans(sub)
+
+    forward, backward = list(scans(jax.make_jaxpr(ex.train_step)(*ex.args).jaxpr))[:2]
+    read_back = {id(v) for v in backward.invars}
+    ys = forward.outvars[forward.params["num_carry"]:]
+    jax_bytes = sum(v.aval.size * v.aval.dtype.itemsize for v in ys if id(v) in read_back)
+    assert len(ys) > 20 and planned == pytest.approx(jax_bytes, rel=1e-9)
