@@ -38,7 +38,8 @@ from meshplan.costmodel._device import (
     V100_32GB,
     DeviceSpec,
 )
-from meshplan.costmodel._pipeline import SCHEDULES, PipelineTime, in_flight, pipeline_time
+from meshplan.costmodel._pipeline import (SCHEDULES, PipelineTime, in_flight,
+                                          in_flight_with_gradients, pipeline_time)
 from meshplan.costmodel._presets import custom, dgx_a100, dgx_h100
 
 __all__ = [
@@ -64,5 +65,6 @@ __all__ = [
     "SCHEDULES",
     "PipelineTime",
     "in_flight",
+    "in_flight_with_gradients",
     "pipeline_time",
 ]

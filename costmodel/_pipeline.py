@@ -36,7 +36,8 @@ import dataclasses
 import numbers
 from collections.abc import Sequence
 
-__all__ = ["SCHEDULES", "PipelineTime", "check_schedule", "in_flight", "pipeline_time"]
+__all__ = ["SCHEDULES", "PipelineTime", "check_schedule", "in_flight", "in_flight_with_gradients",
+           "pipeline_time"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
@@ -99,6 +100,22 @@ def in_flight(p: int, m: int, schedule: str, v: int = 1) -> tuple[float, ...]:
     if schedule == "1f1b" or v == 1:  # interleaving one chunk per device is plain 1F1B
         return tuple(float(min(p - i, m)) for i in range(p))
     chunks = [min((p - i - 1) * 2 + (v - 1) * p + 1, m * v) for i in range(p)]
+    return tuple(c / v for c in chunks)
+
+
+def in_flight_with_gradients(p: int, m: int, schedule: str, v: int = 1) -> tuple[float, ...]:
+    """Per stage, the most microbatches of its activations held at any backward pass
+    after its first, when the stage's gradient sums over the microbatches exist: one
+    backward is done and at most one more forward has started (GPipe: m - 1; 1F1B:
+    min(p - i, m - 1); interleaved: one chunk fewer than `in_flight`'s, or the same
+    when a forward chunk is left to start). 0 with one microbatch."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {SCHEDULES}.")
+    if schedule == "gpipe":
+        return tuple(float(m - 1) for _ in range(p))
+    if schedule == "1f1b" or v == 1:
+        return tuple(float(min(p - i, m - 1)) for i in range(p))
+    chunks = [min((p - i - 1) * 2 + (v - 1) * p + 1, m * v - 1) for i in range(p)]
     return tuple(c / v for c in chunks)
 
 

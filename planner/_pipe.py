@@ -15,14 +15,17 @@ weights, optimizer state, gradients and saved activations. From those tables:
   candidate stage times. The greedy split is optimal for contiguous ranges because a
   stage's memory grows with its layers and shrinks with its position (1F1B's later stages
   hold fewer microbatches).
-* Memory of stage i: weights + optimizer state + gradients of its layers, plus the larger
-  of two phases. While microbatches run: its saved activations for ``in_flight(i)``
-  microbatches (full recomputation keeps only each layer's input, and re-runs the forward
-  pass during the backward), one microbatch's weight gradients and the residuals its
-  backward program rebuilds (the pipelined executor writes them whole), and one layer's
-  temporaries (the most live at once of the values made and last read inside one pass of
-  the layer, on the whole-step memory model's schedule). During the update, after the
-  last backward: new copies of the state that is not updated in place.
+* Memory of stage i: weights + optimizer state of its layers, plus the larger of two
+  phases. While microbatches run: its saved activations for ``in_flight(i)`` microbatches
+  at its first backward pass, or for ``in_flight_with_gradients(i)`` beside the gradient
+  sums at the later ones (the sums exist from the first backward on: GPipe's peak is
+  m - 1 microbatches and the sums, or all m without them); full recomputation keeps only
+  each layer's input, and re-runs the forward pass during the backward. Beside those, one
+  microbatch's weight gradients and the residuals its backward program rebuilds (the
+  pipelined executor writes them whole), and one layer's temporaries (the most live at
+  once of the values made and last read inside one pass of the layer, on the whole-step
+  memory model's schedule). During the update, after the last backward: the gradient
+  sums and new copies of the state that is not updated in place.
 * ZeRO over the stage's data-parallel axis: optimizer state (stage 1) or also weights and
   gradients (stage 3) split over it; stage 3 gathers each layer's weights once per
   microbatch in the forward and again in the backward pass (Rajbhandari et al., "ZeRO",
@@ -40,7 +43,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from meshplan.costmodel import in_flight, pipeline_time
+from meshplan.costmodel import in_flight, in_flight_with_gradients, pipeline_time
 from meshplan.ir._dims import rebuildable
 from meshplan.planner._layers import SPREAD, Layers
 from meshplan.planner._layout import reshard, shards
@@ -123,7 +126,7 @@ class LayerCosts:
             return self
         # The whole step writes its updated state while activations are still live (its
         # scheduler moves each update next to its gradient), so all of it is counted here.
-        scale = max(1.0, (exact_peak - float(t.held.sum() + t.update.sum())) / base)
+        scale = max(1.0, (exact_peak - float((t.state + t.grads + t.update).sum())) / base)
         return dataclasses.replace(self, act_scale=scale)
 
     @property
@@ -622,20 +625,24 @@ class _Tables(NamedTuple):
     f: np.ndarray  # seconds of forward work per microbatch
     b: np.ndarray  # seconds of backward work per microbatch (recomputation included)
     step: np.ndarray  # seconds of once-per-step work
-    held: np.ndarray  # bytes held for the whole step: weights, gradients, optimizer state
+    state: np.ndarray  # bytes held for the whole step: weights, optimizer state
+    grads: np.ndarray  # bytes of the gradient sums, from the stage's first backward on
     act: np.ndarray  # bytes saved per in-flight microbatch
     work: np.ndarray  # bytes of one microbatch's temporaries while the layer runs
     update: np.ndarray  # bytes of new state buffers, while the update runs
     fresh: np.ndarray  # bytes of one microbatch's weight gradients and rebuilt residuals
 
 
-def _stage_peak(held: float, running: float, work: float, update: float) -> float:
-    """A stage's peak bytes: its state, plus the larger of the forward/backward phase
-    (`running`: in-flight activations, and one backward program's weight gradients before
-    they join the sums and the residuals it rebuilds; `work`: one layer's temporaries) and
-    the update phase (the new copies of state not updated in place), which follows the
-    last backward pass."""
-    return held + max(running + work, update)
+def _stage_peak(state: float, grads: float, first: float, later: float, fresh: float,
+                work: float, update: float) -> float:
+    """A stage's peak bytes: its state, plus the larger of the forward/backward phase and
+    the update phase, which follows the last backward pass. While microbatches run, the
+    in-flight activations are the most at the stage's first backward pass (`first`); the
+    gradient sums exist from then on, beside the activations of later backward passes
+    (`later`); each backward pass also holds its own weight gradients before they join the
+    sums and the residuals it rebuilds (`fresh`), and one layer's temporaries (`work`).
+    The update holds the sums and the new copies of state not updated in place."""
+    return state + max(max(first, later + grads) + fresh + work, grads + update)
 
 
 def _compute_tables(c: LayerCosts, s: Setting) -> _Tables:
@@ -652,7 +659,7 @@ def _compute_tables(c: LayerCosts, s: Setting) -> _Tables:
     # Weights, their gradients (laid out alike) and optimizer state; new copies of the
     # state the step does not update in place exist only during the update.
     update = c.outputs * (weights + opt).sum() / max((c.weights + c.opt_state).sum(), 1.0)
-    held = 2 * weights + opt
+    state = weights + opt
     act = c.act_scale * np.where(rm, c.inputs, c.saved) / s.m
     # A layer's temporaries; a recomputed layer also rebuilds its saved activations while
     # its backward runs.
@@ -663,7 +670,7 @@ def _compute_tables(c: LayerCosts, s: Setting) -> _Tables:
     fresh = weights
     if c.rebuilt is not None:
         fresh = fresh + c.act_scale * np.where(rm, 0.0, c.rebuilt) / s.m
-    return _Tables(f, b, c.step, held, act, work, update, fresh)
+    return _Tables(f, b, c.step, state, weights, act, work, update, fresh)
 
 
 def _per_stage(x, p: int) -> tuple:
@@ -693,29 +700,36 @@ def split(c, s: Setting, limit):
     if n < pieces:
         return None
     flight = in_flight(s.p, s.m, s.schedule, s.v)
+    later = in_flight_with_gradients(s.p, s.m, s.schedule, s.v)
     times = [t.f + t.b for t in tabs]
     cum = lambda a: np.concatenate([[0.0], np.cumsum(a)])
     memo: dict = {}  # cumulative tables per distinct (stage tables, in-flight count)
     tm_d = [memo.setdefault(id(t), cum(times[d]).tolist()) for d, t in enumerate(tabs)]
-    hms = [cum(t.held) for t in tabs]
+    sms = [cum(t.state) for t in tabs]
+    gms = [cum(t.grads) for t in tabs]
     ams = [cum(t.act) for t in tabs]
     ums = [cum(t.update) for t in tabs]
     fms = [cum(t.fresh) for t in tabs]
-    run_d = [memo.setdefault((id(t), flight[d]),
-                             (hms[d] + flight[d] * ams[d] + fms[d]).tolist())
-             for d, t in enumerate(tabs)]
-    upd_d = [memo.setdefault((id(t), "update"), (hms[d] + ums[d]).tolist())
+    first_d = [memo.setdefault((id(t), "first", flight[d]),
+                               (sms[d] + flight[d] * ams[d] + fms[d]).tolist())
+               for d, t in enumerate(tabs)]
+    later_d = [memo.setdefault((id(t), "later", later[d]),
+                               (sms[d] + gms[d] + later[d] * ams[d] + fms[d]).tolist())
+               for d, t in enumerate(tabs)]
+    upd_d = [memo.setdefault((id(t), "update"), (sms[d] + gms[d] + ums[d]).tolist())
              for d, t in enumerate(tabs)]
     tms = [tm_d[k % s.p] for k in range(pieces)]
-    # Two phases per stage (`_stage_peak`): forward/backward and update.
-    mems = [(run_d[k % s.p], upd_d[k % s.p]) for k in range(pieces)]
+    # Three memory tables per stage (`_stage_peak`): the first backward pass, the later
+    # ones (with the gradient sums) and the update.
+    mems = [(first_d[k % s.p], later_d[k % s.p], upd_d[k % s.p]) for k in range(pieces)]
     # One working set per stage: bound it by the largest (a layer's ops run one at a time).
     works = [float(t.work.max()) if n else 0.0 for t in tabs]
-    rooms = [(limits[k % s.p] - works[k % s.p], limits[k % s.p]) for k in range(pieces)]
+    rooms = [(limits[k % s.p] - works[k % s.p],) * 2 + (limits[k % s.p],)
+             for k in range(pieces)]
     if s.v > 1:
         # A device holds v chunks from all over the model: the greedy fill balances time
         # only, and each device's total is checked below.
-        rooms = [(math.inf, math.inf)] * pieces
+        rooms = [(math.inf,) * 3] * pieces
 
     def greedy(bound):
         return _greedy(tms, mems, pieces, bound, rooms)
@@ -738,15 +752,16 @@ def split(c, s: Setting, limit):
         if hi - lo <= 1e-6 * hi:
             break
     if s.v > 1 and best is not None:
-        held, acts, fresh, updates = [0.0] * s.p, [0.0] * s.p, [0.0] * s.p, [0.0] * s.p
+        state, grads, acts, fresh, updates = ([0.0] * s.p for _ in range(5))
         for k, (a, b) in enumerate(best):
             d = k % s.p
-            held[d] += hms[d][b] - hms[d][a]
-            acts[d] += flight[d] * (ams[d][b] - ams[d][a])
+            state[d] += sms[d][b] - sms[d][a]
+            grads[d] += gms[d][b] - gms[d][a]
+            acts[d] += ams[d][b] - ams[d][a]
             fresh[d] = max(fresh[d], fms[d][b] - fms[d][a])  # one chunk's program at a time
             updates[d] += ums[d][b] - ums[d][a]
-        if any(_stage_peak(held[d], acts[d] + fresh[d], works[d], updates[d]) > limits[d]
-               for d in range(s.p)):
+        if any(_stage_peak(state[d], grads[d], flight[d] * acts[d], later[d] * acts[d],
+                           fresh[d], works[d], updates[d]) > limits[d] for d in range(s.p)):
             return None
     return best
 
@@ -792,15 +807,16 @@ def evaluate_split(c, s: Setting, pieces, hop) -> PipelineChoice:
     cs = _per_stage(c, s.p)
     tabs = _stage_tables(cs, s)
     flight = in_flight(s.p, s.m, s.schedule, s.v)
+    later = in_flight_with_gradients(s.p, s.m, s.schedule, s.v)
     fwd, bwd = [0.0] * s.p, [0.0] * s.p
-    hold, acts, works, once = [0.0] * s.p, [0.0] * s.p, [0.0] * s.p, [0.0] * s.p
+    state, grads, acts, works, once = ([0.0] * s.p for _ in range(5))
     updates, fresh = [0.0] * s.p, [0.0] * s.p
     sends, sent_bytes = [0.0] * s.p, [0.0] * s.p
     n = cs[0].num_layers
     for k, (first, last) in enumerate(pieces):
         d = k % s.p
         t = tabs[d]
-        f, b, step, held, act, work = t.f, t.b, t.step, t.held, t.act, t.work
+        f, b, step, act, work = t.f, t.b, t.step, t.act, t.work
         cut = cs[d].cut
         out = cut[last - 1] if last < n else 0.0  # activations sent on
         back = cut[first - 1] if first > 0 else 0.0  # their gradients sent back
@@ -809,7 +825,8 @@ def evaluate_split(c, s: Setting, pieces, hop) -> PipelineChoice:
         bwd[d] += float(b[first:last].sum()) + send_b
         sends[d] += send_f + send_b
         sent_bytes[d] += out + back
-        hold[d] += float(held[first:last].sum())
+        state[d] += float(t.state[first:last].sum())
+        grads[d] += float(t.grads[first:last].sum())
         acts[d] += float(act[first:last].sum())
         works[d] = max(works[d], float(work[first:last].max()))
         updates[d] += float(t.update[first:last].sum())
@@ -817,8 +834,8 @@ def evaluate_split(c, s: Setting, pieces, hop) -> PipelineChoice:
         # interleaved chunks are separate programs, each summed into the step's sums.
         fresh[d] = max(fresh[d], float(t.fresh[first:last].sum()))
         once[d] += float(step[first:last].sum())
-    mem = tuple(_stage_peak(hold[d], flight[d] * acts[d] + fresh[d], works[d], updates[d])
-                for d in range(s.p))
+    mem = tuple(_stage_peak(state[d], grads[d], flight[d] * acts[d], later[d] * acts[d],
+                            fresh[d], works[d], updates[d]) for d in range(s.p))
     pt = pipeline_time(fwd, bwd, s.m, s.schedule, s.v)
     slow = max(range(s.p), key=lambda d: fwd[d] + bwd[d])
     return PipelineChoice(tuple(pieces), s.m, s.schedule, s.v, s.remat, s.zero,
@@ -840,11 +857,12 @@ def selective(c, s: Setting, pieces, limit, uniform: bool = False) -> Setting | 
     full = dataclasses.replace(s, remat="full", recompute=())
     none = dataclasses.replace(s, remat="none", recompute=())
     flight = in_flight(s.p, s.m, s.schedule, s.v)
+    later = in_flight_with_gradients(s.p, s.m, s.schedule, s.v)
     rm = np.ones(n, dtype=bool)
     for d in range(s.p):
         mine = [l for k, (a, b) in enumerate(pieces) if k % s.p == d for l in range(a, b)]
         t_none, t_full = _tables(cs[d], none), _tables(cs[d], full)
-        b_none, held, act_none, work_none = t_none.b, t_none.held, t_none.act, t_none.work
+        b_none, act_none, work_none = t_none.b, t_none.act, t_none.work
         b_full, act_full, work_full = t_full.b, t_full.act, t_full.work
         gain = b_full - b_none  # seconds per microbatch saved by keeping the activations
         extra = flight[d] * (act_none - act_full)  # bytes that keeping them costs
@@ -853,8 +871,8 @@ def selective(c, s: Setting, pieces, limit, uniform: bool = False) -> Setting | 
         # for every k at once (activations grow with k; the largest working set is the
         # largest of the kept layers' and the recomputed ones'), the longest prefix that
         # fits is taken.
-        acts = flight[d] * (act_full[order].sum() + np.concatenate(
-            [[0.0], np.cumsum(act_none[order] - act_full[order])]))
+        acts = act_full[order].sum() + np.concatenate(
+            [[0.0], np.cumsum(act_none[order] - act_full[order])])  # one microbatch's
         kept_work = np.concatenate([[0.0], np.maximum.accumulate(work_none[order])])
         left_work = np.concatenate([np.maximum.accumulate(work_full[order][::-1])[::-1],
                                     [0.0]])
@@ -862,8 +880,10 @@ def selective(c, s: Setting, pieces, limit, uniform: bool = False) -> Setting | 
         # one's makes them with its forward pass again (in its `work`).
         fresh = t_full.fresh[order].sum() + np.concatenate(
             [[0.0], np.cumsum(t_none.fresh[order] - t_full.fresh[order])])
-        mem = float(held[order].sum()) + np.maximum(
-            acts + fresh + np.maximum(kept_work, left_work), float(t_none.update[order].sum()))
+        grads = float(t_none.grads[order].sum())
+        mem = float(t_none.state[order].sum()) + np.maximum(
+            np.maximum(flight[d] * acts, later[d] * acts + grads) + fresh +
+            np.maximum(kept_work, left_work), grads + float(t_none.update[order].sum()))
         over = np.flatnonzero(mem > limits[d])
         k = int(over[0]) - 1 if len(over) else len(order)
         rm[order[:max(k, 0)]] = False

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meshplan.costmodel import in_flight, pipeline_time
+from meshplan.costmodel import in_flight, in_flight_with_gradients, pipeline_time
 from meshplan.planner._stages import split_stages
 from meshplan.runtime import measure, pipeline_scan
 from meshplan.runtime._pipeline import pipeline_value_and_grad, schedule_table
@@ -265,30 +265,37 @@ def test_runtime_docstring_example():
 
 # ------------------------------------------------------------- schedules run op by op
 
-def _table_in_flight(table, p, v):
-    """Per device, the most microbatch-chunks forwarded and not yet backwarded, / v."""
+def _table_in_flight(table, p, v, after_first_backward=False):
+    """Per device, the most microbatch-chunks forwarded and not yet backwarded, / v (with
+    `after_first_backward`: at a backward after the device's first, when its gradient
+    sums exist)."""
     peaks = []
     for s in range(p):
-        live, peak = set(), 0
+        live, peak, backwards = set(), 0, 0
         for kind, i, c in table[:, s]:
             if kind == 1:
                 live.add((i, c))
-            peak = max(peak, len(live))
+            if not after_first_backward or (kind == 2 and backwards > 0):
+                peak = max(peak, len(live))
             if kind == 2:
                 live.discard((i, c))
+                backwards += 1
         peaks.append(peak / v)
     return tuple(peaks)
 
 
 @pytest.mark.parametrize("schedule, p, m, v", [
     ("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("1f1b", 4, 2, 1), ("1f1b", 2, 5, 1),
-    ("interleaved", 4, 8, 2), ("interleaved", 2, 4, 2), ("interleaved", 4, 4, 3)])
+    ("1f1b", 3, 1, 1), ("interleaved", 4, 8, 2), ("interleaved", 2, 4, 2),
+    ("interleaved", 4, 4, 3)])
 def test_schedule_tables_agree_with_the_cost_model(schedule, p, m, v):
     table = schedule_table(p, m, schedule, v)
     ops = {(s, int(k), int(i), int(c)) for row in table for s, (k, i, c) in enumerate(row) if k}
     assert len(ops) == 2 * m * v * p  # every forward and backward of every chunk, once
     # Memory: the activations each device keeps, as the cost model counts them.
     assert _table_in_flight(table, p, v) == in_flight(p, m, schedule, v)
+    assert _table_in_flight(table, p, v, after_first_backward=True) == \
+        in_flight_with_gradients(p, m, schedule, v)
     # Time, with every op (a chunk's forward or backward) one slot: the bubble is the
     # cost model's (p - 1) / m, or (p - 1) / (v m) interleaved.
     full_ops = len(table) / v  # slots in units of a whole stage's op

@@ -180,11 +180,15 @@ def test_1f1b_holds_at_most_p_microbatches_and_gpipe_all_of_them():
         pieces = [(0, 2), (2, 4), (4, 6), (6, 8)]
         mem[sched] = evaluate_split(c, s, pieces, hop=lambda b: 0.0).stage_memory
     per_mb = 2 * 10.0 / m  # two layers per stage, 10 bytes saved each per whole batch
-    held = 2 * 5.0  # two layers' weights, gradients and optimizer state
+    state = 2 * 2.5  # two layers' weights (no optimizer state here)
+    grads = 2 * 2.5  # their gradient sums, from the stage's first backward on
     fresh = 2 * 2.5  # one microbatch's gradients of them, before they join the sums
     for i in range(p):
-        assert mem["gpipe"][i] == pytest.approx(held + fresh + m * per_mb)
-        assert mem["1f1b"][i] == pytest.approx(held + fresh + min(p - i, m) * per_mb)
+        # GPipe: all m microbatches at the first backward, m - 1 beside the sums after it.
+        assert mem["gpipe"][i] == pytest.approx(
+            state + fresh + max(m * per_mb, (m - 1) * per_mb + grads))
+        # 1F1B (m > p): p - i at every backward, the sums beside them from the second on.
+        assert mem["1f1b"][i] == pytest.approx(state + fresh + (p - i) * per_mb + grads)
 
 
 def test_new_copies_of_the_state_count_after_the_last_backward_not_beside_activations():
@@ -198,10 +202,11 @@ def test_new_copies_of_the_state_count_after_the_last_backward_not_beside_activa
     for name, update in (("small", 1.0), ("large", 100.0)):
         c = dataclasses.replace(base, outputs=np.full(base.num_layers, update))
         phases[name] = evaluate_split(c, s, pieces, hop=lambda b: 0.0).stage_memory
-    held, fresh, acts = 4 * 5.0, 4 * 2.5, m * 4 * 10.0 / m
+    state, grads, fresh, per_mb = 4 * 2.5, 4 * 2.5, 4 * 2.5, 4 * 10.0 / m
+    backward = state + fresh + max(m * per_mb, (m - 1) * per_mb + grads)
     for i in range(p):
-        assert phases["small"][i] == pytest.approx(held + fresh + acts)  # backward phase
-        assert phases["large"][i] == pytest.approx(held + 4 * 100.0)  # update phase
+        assert phases["small"][i] == pytest.approx(backward)
+        assert phases["large"][i] == pytest.approx(state + grads + 4 * 100.0)  # update
 
 
 def test_full_recomputation_trades_memory_for_a_second_forward_pass():
