@@ -719,17 +719,22 @@ def split(c, s: Setting, limit):
     upd_d = [memo.setdefault((id(t), "update"), (sms[d] + gms[d] + ums[d]).tolist())
              for d, t in enumerate(tabs)]
     tms = [tm_d[k % s.p] for k in range(pieces)]
-    # Three memory tables per stage (`_stage_peak`): the first backward pass, the later
-    # ones (with the gradient sums) and the update.
-    mems = [(first_d[k % s.p], later_d[k % s.p], upd_d[k % s.p]) for k in range(pieces)]
     # One working set per stage: bound it by the largest (a layer's ops run one at a time).
     works = [float(t.work.max()) if n else 0.0 for t in tabs]
-    rooms = [(limits[k % s.p] - works[k % s.p],) * 2 + (limits[k % s.p],)
-             for k in range(pieces)]
-    if s.v > 1:
-        # A device holds v chunks from all over the model: the greedy fill balances time
-        # only, and each device's total is checked below.
-        rooms = [(math.inf,) * 3] * pieces
+
+    def phases(d: int) -> list:
+        """Stage d's memory tables (`_stage_peak`) with their rooms: the later backward
+        passes (beside the gradient sums), the first one where it holds more microbatches
+        (GPipe; no more microbatches than stages), and the update."""
+        room = limits[d] - works[d]
+        first = [(first_d[d], room)] if later[d] < flight[d] else []
+        return [(later_d[d], room)] + first + [(upd_d[d], limits[d])]
+
+    # A device of the interleaved schedule holds v chunks from all over the model: the
+    # greedy fill balances time only, and each device's total is checked below.
+    per_stage = [phases(d) if s.v == 1 else [] for d in range(s.p)]
+    mems = [[m for m, _ in per_stage[k % s.p]] for k in range(pieces)]
+    rooms = [[r for _, r in per_stage[k % s.p]] for k in range(pieces)]
 
     def greedy(bound):
         return _greedy(tms, mems, pieces, bound, rooms)
