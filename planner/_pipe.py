@@ -503,8 +503,13 @@ def _make_activation_index(view, layers: Layers, live) -> _ActivationIndex:
     # pass the body op that makes it belongs to (JAX's linearisation computes some
     # derivative factors, such as 1 - tanh^2, inside the forward scan's body and stacks
     # them), and no other (a body value read by such a factor is used up in its trip).
+    # Only forward scans' (a loop with forward ops in its body): a backward scan's stacked
+    # results (the gradients of its xs) are no activations.
+    forward_loops = {live.value_loop[v] for op in view.ops if where(op.id) == ("forward", SPREAD)
+                     for v in op.outputs if v in live.value_loop}
     stacked = {op.inputs[0] for op in view.ops
-               if op.prim == "scan_stack" and op.outputs[0] in backward_read}
+               if op.prim == "scan_stack" and op.outputs[0] in backward_read
+               and live.value_loop.get(op.inputs[0], -1) in forward_loops}
     saved, forward, carries = [], [], []
     for op in view.ops:
         phase, layer = where(op.id)

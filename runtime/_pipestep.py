@@ -185,8 +185,9 @@ class PipelinedStep:
         another stage's programs (a mask broadcast to the microbatch, made from constants
         and small values), as XLA would inside one program: sent instead, such a value
         stays on its maker's devices until its last reader, maybe stages later, has run.
-        Only constants and values the program reads anyway count as at hand: state is
-        never copied to another stage for this."""
+        At hand are constants, values the program reads anyway, and made values at most
+        1/8 the size of what they rebuild (those are sent instead); state itself is never
+        placed on another stage for this."""
         g = self.graph
         maker = {v: n for pr in order for n in pr.nodes for v in n.outputs}
         position = {n.id: i for i, n in enumerate(g.nodes)}
@@ -366,11 +367,12 @@ class PipelinedStep:
             pr.release = [v for v in pr.handed if last.get(v, -1) <= i]
         # The update's own intermediates (one stage's update program hands on to another,
         # or to its next level) go after their last reader, as in one XLA program; the
-        # step's results stay.
+        # step's results stay (the gradient sums stay too: the step's sums hold them).
         updates = [pr for pr in order if pr.kind == "step"]
         last = {v: i for i, pr in enumerate(updates) for v in pr.inputs}
+        made = {v for pr in updates for v in pr.outputs}
         for i, pr in enumerate(updates):
-            pr.drop = [v for v in pr.outputs if last.get(v, -1) <= i and v not in outs]
+            pr.drop = [v for v in pr.inputs if v in made and last[v] <= i and v not in outs]
         self._axpy = jax.jit(lambda acc, xs, ws: [a + (w * x).astype(a.dtype)
                                                     for a, x, w in zip(acc, xs, ws)])
         interp = Interpreter(self.graph, dataclasses.replace(self.plan, value_layouts={},

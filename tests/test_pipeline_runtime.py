@@ -8,6 +8,7 @@ import pytest
 
 import meshplan as mp
 from meshplan.examples import make
+from meshplan.runtime import _pipestep
 
 
 def _rel(a, b) -> float:
@@ -234,9 +235,17 @@ def _check_handover(runner):
     count are computed again by each stage's update instead of sent (a stage's update
     would otherwise be cut in two around them, with parameter-sized values held between
     the two programs)."""
-    per_micro = [pr for pr in runner.programs if pr.kind != "step"]
     handed = [v for pr in runner.programs for v in pr.outputs]
     assert len(handed) == len(set(handed)), "a value handed on by two programs"
+    # ... by the first program to make it in a microbatch's run (a copy made later would
+    # replace it among the microbatch's values).
+    per_micro = [pr for pr in runner.programs if pr.kind != "step"]
+    run = sorted(per_micro, key=lambda pr: (pr.kind == "backward",
+                                            -pr.stage if pr.kind == "backward" else pr.stage))
+    for pr in per_micro:
+        for v in pr.outputs:
+            first = next(q for q in run if any(v in n.outputs for n in q.nodes))
+            assert first is pr, (v, pr.kind, pr.stage, first.kind, first.stage)
     op = {v: n.primitive for n in runner.graph.nodes for v in n.outputs}
     sent = [(pr.kind, pr.stage, v) for pr in per_micro for v in pr.inputs
             if op.get(v) == "broadcast_in_dim" and v in runner.produced_by
@@ -247,7 +256,7 @@ def _check_handover(runner):
     scalars = [(pr.stage, v) for pr in updates for v in pr.inputs
                if v in runner.produced_by and runner.produced_by[v].kind == "step"
                and runner.produced_by[v].stage != pr.stage
-               and runner.graph.values[v].nbytes <= 8]
+               and runner.graph.values[v].nbytes <= _pipestep._TINY_BYTES]
     assert not scalars, scalars
 
 
