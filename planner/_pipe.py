@@ -84,6 +84,9 @@ class LayerCosts:
       batch: the global batch (dim 0 of the data).
       act_scale: factor on activation, working and rebuilt-residual bytes (see
         `calibrated`).
+      in_scan: which layers are blocks of one scan over layers: a stage's recomputed
+        blocks are then recomputed by one scan, which stacks all their saved activations
+        before the backward scan starts (None: no scan).
     """
 
     forward: np.ndarray
@@ -108,6 +111,7 @@ class LayerCosts:
     backward_fixed: np.ndarray | None = None
     act_scale: float = 1.0
     rebuilt: np.ndarray | None = None
+    in_scan: np.ndarray | None = None  # the blocks of a scan over layers (bool per layer)
     # _tables per (m, remat, zero, recomputed layers): the split search asks for the same
     # few hundred times, once per stage (a copy made by dataclasses.replace starts empty).
     tables_memo: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
@@ -337,9 +341,12 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
         peaks = tv.peaks(per_device_all(tv.values, tv.nbytes))
         _spread_max_all(layers, tv.layer, peaks, transient)
     dp_size = math.prod(mesh_shape[a] for a in dp_axes) if dp_axes else 1
+    in_scan = np.zeros(n, dtype=bool)
+    in_scan[1:layers.num_blocks + 1] = layers.scanned
     return LayerCosts(fwd, bwd, step, weights, opt, saved, inputs, transient, cut, flops,
                       weights_dp, opt_dp, gather, sent, fflops, outputs, dp_size,
-                      _global_batch(view), fwd_fixed, bwd_fixed, rebuilt=rebuilt)
+                      _global_batch(view), fwd_fixed, bwd_fixed, rebuilt=rebuilt,
+                      in_scan=in_scan)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -667,12 +674,15 @@ def _compute_tables(c: LayerCosts, s: Setting) -> _Tables:
     state = weights + opt
     act = c.act_scale * np.where(rm, c.inputs, c.saved) / s.m
     # A layer's temporaries; a recomputed layer also rebuilds its saved activations while
-    # its backward runs.
-    work = c.act_scale * np.where(rm, c.transient + c.saved, c.transient) / s.m
+    # its backward runs (one layer at a time, unless it is a block of a scan: see below).
+    in_scan = c.in_scan if c.in_scan is not None else np.zeros(c.num_layers, dtype=bool)
+    work = c.act_scale * np.where(rm & ~in_scan, c.transient + c.saved, c.transient) / s.m
     # The pipelined executor's backward program rebuilds cheap residuals of all its
     # layers first, and adds each microbatch's weight gradients to the step's sums after
-    # the program has written them out whole.
-    fresh = weights
+    # the program has written them out whole. Recomputed blocks of a scan are recomputed
+    # by one scan over all of the stage's blocks, whose stacked residuals are all live
+    # when the backward scan starts.
+    fresh = weights + c.act_scale * np.where(rm & in_scan, c.saved, 0.0) / s.m
     if c.rebuilt is not None:
         fresh = fresh + c.act_scale * np.where(rm, 0.0, c.rebuilt) / s.m
     return _Tables(f, b, c.step, state, weights, act, work, update, fresh)

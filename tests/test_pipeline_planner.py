@@ -209,6 +209,24 @@ def test_new_copies_of_the_state_count_after_the_last_backward_not_beside_activa
         assert phases["large"][i] == pytest.approx(state + grads + 4 * 100.0)  # update
 
 
+def test_recomputed_blocks_of_a_scan_hold_all_their_saved_activations_at_once():
+    """Recomputed unrolled layers rebuild their saved activations one layer at a time;
+    a stage's recomputed blocks of a scan are recomputed by one scan, which stacks them
+    all before the backward scan starts."""
+    c = _uniform(n_blocks=6)  # layers: pre, 6 blocks, post; 10 bytes saved each (batch)
+    pieces = [(0, 4), (4, 8)]  # stage 0: pre + blocks 1-3; stage 1: blocks 4-6 + post
+    s = Setting(2, 4, "1f1b", 1, "full", 0)
+    in_scan = np.array([False] + [True] * 6 + [False])
+    plain = evaluate_split(c, s, pieces, lambda b: 0.0).stage_memory
+    scanned = evaluate_split(dataclasses.replace(c, in_scan=in_scan), s, pieces,
+                             lambda b: 0.0).stage_memory
+    per_mb = 10.0 / 4  # one layer's saved activations, one microbatch
+    # Unrolled: one layer's at a time; scanned: the three blocks' at once, besides one
+    # layer's for the unscanned layer of each stage (embedding, head), also recomputed.
+    for k in range(2):
+        assert scanned[k] - plain[k] == pytest.approx(3 * per_mb)
+
+
 def test_full_recomputation_trades_memory_for_a_second_forward_pass():
     c = _uniform(n_blocks=6)
     pieces = [(0, 4), (4, 8)]
