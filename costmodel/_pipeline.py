@@ -93,14 +93,7 @@ def _check(forward: Sequence[float], backward: Sequence[float], m: int, schedule
 
 def in_flight(p: int, m: int, schedule: str, v: int = 1) -> tuple[float, ...]:
     """Per stage, microbatches of its activations held at its peak (see the module notes)."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {SCHEDULES}.")
-    if schedule == "gpipe":
-        return tuple(float(m) for _ in range(p))
-    if schedule == "1f1b" or v == 1:  # interleaving one chunk per device is plain 1F1B
-        return tuple(float(min(p - i, m)) for i in range(p))
-    chunks = [min((p - i - 1) * 2 + (v - 1) * p + 1, m * v) for i in range(p)]
-    return tuple(c / v for c in chunks)
+    return _held(p, m, schedule, v, 0)
 
 
 def in_flight_with_gradients(p: int, m: int, schedule: str, v: int = 1) -> tuple[float, ...]:
@@ -109,14 +102,20 @@ def in_flight_with_gradients(p: int, m: int, schedule: str, v: int = 1) -> tuple
     backward is done and at most one more forward has started (GPipe: m - 1; 1F1B:
     min(p - i, m - 1); interleaved: one chunk fewer than `in_flight`'s, or the same
     when a forward chunk is left to start). 0 with one microbatch."""
+    return _held(p, m, schedule, v, 1)
+
+
+def _held(p: int, m: int, schedule: str, v: int, done: int) -> tuple[float, ...]:
+    """Per stage, the most microbatches of activations held at a backward pass when
+    `done` of its backward passes (chunks, interleaved) have run before it: the schedule's
+    warm-up forwards, at most all m microbatches' (m * v chunks) less those done."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {SCHEDULES}.")
     if schedule == "gpipe":
-        return tuple(float(m - 1) for _ in range(p))
-    if schedule == "1f1b" or v == 1:
-        return tuple(float(min(p - i, m - 1)) for i in range(p))
-    chunks = [min((p - i - 1) * 2 + (v - 1) * p + 1, m * v - 1) for i in range(p)]
-    return tuple(c / v for c in chunks)
+        return tuple(float(m - done) for _ in range(p))
+    if schedule == "1f1b" or v == 1:  # interleaving one chunk per device is plain 1F1B
+        return tuple(float(min(p - i, m - done)) for i in range(p))
+    return tuple(min((p - i - 1) * 2 + (v - 1) * p + 1, m * v - done) / v for i in range(p))
 
 
 def pipeline_time(forward: Sequence[float], backward: Sequence[float], microbatches: int,

@@ -171,14 +171,8 @@ class PipelinedStep:
         memo = rebuildable(kept, {v: (n.primitive, n.inputs, len(n.outputs))
                                   for v, n in made.items()}, free, g.values)
         # Rebuilding needs the node's whole chain of rebuilt operands.
-        need, stack = set(), [made[v] for v in kept if memo[v]]
-        while stack:
-            n = stack.pop()
-            if n.id in need:
-                continue
-            need.add(n.id)
-            stack += [made[u] for u in n.inputs if u in made and memo.get(u)]
-        return need
+        rebuilt = {v: n for v, n in made.items() if memo.get(v)}
+        return set(_operand_chain([rebuilt[v] for v in kept if v in rebuilt], rebuilt))
 
     def _rebuild_crossing(self, order: list[_Program]) -> None:
         """Let each per-microbatch program make again the cheap values it reads from
@@ -199,13 +193,9 @@ class PipelinedStep:
             free = lambda u: g.values[u].is_const or u in reads  # noqa: E731
             memo = rebuildable(reads, {v: (n.primitive, n.inputs, len(n.outputs))
                                        for v, n in maker.items()}, free, g.values)
-            mine = {n.id for n in pr.nodes}
-            need, stack = {}, [maker[v] for v in reads if memo[v]]
-            while stack:  # each rebuilt value's chain of rebuilt operands
-                n = stack.pop()
-                if n.id not in need and n.id not in mine:
-                    need[n.id] = n
-                    stack += [maker[u] for u in n.inputs if u in maker and memo.get(u)]
+            rebuilt = {v: maker[v] for v, ok in memo.items() if ok and v in maker}
+            need = _operand_chain([rebuilt[v] for v in reads if v in rebuilt], rebuilt,
+                                  skip={n.id for n in pr.nodes})
             if need:  # in the step's order (a rebuilt op may read this program's values)
                 pr.nodes = sorted([*need.values(), *pr.nodes], key=lambda n: position[n.id])
 
@@ -245,13 +235,9 @@ class PipelinedStep:
         out = []
         for lv, k in sorted(groups):
             group = groups[lv, k]
-            mine = {n.id for n in group}
-            need, stack = {}, [scalars[u] for n in group for u in n.inputs if u in scalars]
-            while stack:  # the scalars this program reads, and what they are made from
-                n = stack.pop()
-                if n.id not in mine and n.id not in need:
-                    need[n.id] = n
-                    stack += [scalars[u] for u in n.inputs if u in scalars]
+            # The scalars this program reads, and what they are made from.
+            need = _operand_chain([scalars[u] for n in group for u in n.inputs if u in scalars],
+                                  scalars, skip={n.id for n in group})
             out.append(_Program("step", k, sorted([*need.values(), *group],
                                                   key=lambda n: position[n.id])))
         return out
@@ -311,9 +297,9 @@ class PipelinedStep:
         # layer, a rebuilt residual such as a mask) keeps its copy to itself, or that copy
         # would replace the first among the microbatch's values and stay on its stage's
         # devices until the value's last reader, on another stage, had run.
+        ranked = sorted((pr for pr in order if pr.kind != "step"), key=_run_rank)
         produced_by: dict[int, _Program] = {}
-        for pr in sorted((pr for pr in order if pr.kind != "step"), key=_run_rank) + \
-                [pr for pr in order if pr.kind == "step"]:
+        for pr in ranked + [pr for pr in order if pr.kind == "step"]:
             for node in pr.nodes:
                 for v in node.outputs:
                     produced_by.setdefault(v, pr)
@@ -349,8 +335,6 @@ class PipelinedStep:
         # A microbatch's value is dropped after the last of its per-microbatch readers has
         # run (forward stages in order, then backward stages in reverse): a stage's saved
         # activations go when its backward is done, as the schedule's memory model has it.
-        per_micro = [pr for pr in order if pr.kind != "step"]
-        ranked = sorted(per_micro, key=_run_rank)
         last: dict[int, int] = {}
         for i, pr in enumerate(ranked):
             for v in pr.inputs:
@@ -567,6 +551,19 @@ class PipelinedStep:
             acc.update(zip(vs, self._axpy(olds, xs, ws)))
         for v in pr.release:
             env.pop(v, None)
+
+
+def _operand_chain(roots, makers: dict, skip=frozenset()) -> dict:
+    """Node id -> node, for the nodes `roots` and, transitively, the nodes of `makers`
+    (value -> the node making it) that make their operands; nodes in `skip` (ids) are
+    neither taken nor followed."""
+    out, stack = {}, list(roots)
+    while stack:
+        n = stack.pop()
+        if n.id not in out and n.id not in skip:
+            out[n.id] = n
+            stack += [makers[u] for u in n.inputs if u in makers]
+    return out
 
 
 def _run_rank(pr: _Program) -> tuple[bool, int]:
