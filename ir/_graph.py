@@ -72,6 +72,9 @@ class Node:
     bodies: tuple["Graph", ...] = ()  # region bodies (scan: one; while: cond, body; cond: branches)
     trip_count: int = 1  # how often the body runs per execution of this node
     recompute: bool = False  # produced inside a remat region (recomputed in the backward pass)
+    # Equal for two nodes of one trace with equal primitive, parameters and operand and
+    # result types (constants marked); -1 when not known (regions, unhashable parameters).
+    semantics: int = -1
 
     @property
     def is_region(self) -> bool:

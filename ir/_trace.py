@@ -6,6 +6,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax.extend.core import Literal
 
 from meshplan.ir._dims import dim_map, flops_of
 from meshplan.ir._graph import ROLES, Graph, InputInfo, Node, Value
@@ -28,7 +29,7 @@ def _open(jaxpr) -> tuple[Any, Sequence[Any]]:
 
 
 def _is_literal(x) -> bool:
-    return type(x).__name__ == "Literal"
+    return type(x) is Literal
 
 
 @dataclasses.dataclass
@@ -41,7 +42,9 @@ class _Builder:
     semantics: dict = dataclasses.field(default_factory=dict)
 
     def value(self, aval, const=None) -> Value:
-        shape = tuple(map(int, getattr(aval, "shape", ())))
+        shape = getattr(aval, "shape", ())
+        if type(shape) is not tuple:
+            shape = tuple(map(int, shape))
         dtype = getattr(aval, "dtype", None)
         dtype = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype or np.float32)
         v = Value(self.next_id, shape, dtype, const)
@@ -77,7 +80,8 @@ class _Builder:
     def _walk(self, jaxpr, env, values, nodes):
         for eqn in jaxpr.eqns:
             prim = eqn.primitive.name
-            ins = [self._read(x, env, values) for x in eqn.invars]
+            ins = [env[x] if type(x) is not Literal else self._read(x, env, values)
+                   for x in eqn.invars]
             if prim in _INLINE and _INLINE[prim] in eqn.params:
                 inner, consts = _open(eqn.params[_INLINE[prim]])
                 inner_env: dict[Any, int] = {}
@@ -114,13 +118,15 @@ class _Builder:
             out_avals = [x.aval for x in eqn.outvars]
             dims = dim_map(prim, eqn.params, in_avals, out_avals, const)
             found = (dims, flops_of(prim, eqn.params, in_avals, out_avals, dims),
-                     float(sum(values[v].nbytes for v in ins + outs)))
+                     float(sum(values[v].nbytes for v in ins + outs)),
+                     len(self.semantics) if key is not None else -1)
             if key is not None:
                 self.semantics[key] = found
-        dims, flops, nbytes = found
+        dims, flops, nbytes, semantics = found
         if dims is None and prim not in _KNOWN_OPAQUE:
             self.unknown.add(prim)
-        return Node(self.next_node(), prim, tuple(ins), tuple(outs), flops, nbytes, dims, eqn)
+        return Node(self.next_node(), prim, tuple(ins), tuple(outs), flops, nbytes, dims, eqn,
+                    semantics=semantics)
 
     def next_node(self) -> int:
         # Node ids share the value counter so ids stay unique across bodies too.
@@ -204,13 +210,14 @@ def trace(fn: Callable, *args, roles: Sequence[str] | None = None) -> Graph:
         closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
         builder = _Builder()
         g = builder.graph(closed.jaxpr, closed.consts)
-    infos = []
-    flat_i = 0
-    for arg_index, arg in enumerate(args):
-        for path, _ in jax.tree_util.tree_flatten_with_path(arg)[0]:
-            infos.append(InputInfo(g.inputs[flat_i], arg_index,
-                                   f"[{arg_index}]" + jax.tree_util.keystr(path), roles[arg_index]))
-            flat_i += 1
+        infos = []
+        flat_i = 0
+        for arg_index, arg in enumerate(args):
+            for path, _ in jax.tree_util.tree_flatten_with_path(arg)[0]:
+                infos.append(InputInfo(g.inputs[flat_i], arg_index,
+                                       f"[{arg_index}]" + jax.tree_util.keystr(path),
+                                       roles[arg_index]))
+                flat_i += 1
     if flat_i != len(g.inputs):
         raise ValueError(f"traced {len(g.inputs)} inputs but the arguments flatten to {flat_i} "
                          "leaves; pass static values with static_argnums instead of as arrays.")

@@ -11,6 +11,7 @@ import numpy as np
 
 from meshplan.costmodel import Cluster
 from meshplan.ir import Graph, default_roles, trace
+from meshplan.ir._util import paused_gc
 from meshplan.planner import Constraints, Cost, Plan, SearchOptions, search
 from meshplan.planner._search import estimate_plan, graph_fingerprint
 
@@ -146,6 +147,7 @@ class AutoParallel:
         dyn, _ = self._split(args)
         return (_signature(dyn), static)
 
+    @paused_gc()  # one bulk-allocation phase, as in `search` (see `paused_gc`)
     def trace(self, *args) -> _Traced:
         """The traced Graph of the step for these arguments (cached per signature)."""
         return self._trace(self._key(args), args)
@@ -170,6 +172,7 @@ class AutoParallel:
 
     # ------------------------------------------------------------------ planning
 
+    @paused_gc()  # tracing and planning: one bulk-allocation phase (see `paused_gc`)
     def plan(self, *args, constraints: Constraints | None = None, cluster: Cluster | None = None,
              compare_baselines: bool = True, progress: Callable[[str], None] | None = None
              ) -> Plan:

@@ -98,14 +98,26 @@ def build_view(graph: Graph, pairs: dict[int, int] | None = None) -> PlanningVie
         counter[0] += 1
         return counter[0] - 1
 
+    # Nodes of equal `semantics` have equal primitive, parameters and operand and result
+    # types, so equal signatures: made once per kind (repeated layers repeat them).
+    by_kind: dict[int, tuple] = {}
+
     def sig_of(prim, node, ins, outs, extra=()):
+        known = node is not None and node.semantics >= 0
+        if known:
+            base = by_kind.get(node.semantics)
+            if base is not None:
+                return base + (extra,)
         params = ()
         if node is not None and node.eqn is not None:
             params = tuple(sorted((k, _short(v)) for k, v in node.eqn.params.items()))
         # dtype objects hash and compare by value; str(dtype) costs a microsecond per call.
-        return (prim, tuple((values[v].shape, values[v].dtype, values[v].is_const)
+        base = (prim, tuple((values[v].shape, values[v].dtype, values[v].is_const)
                             for v in ins),
-                tuple((values[v].shape, values[v].dtype) for v in outs), params, extra)
+                tuple((values[v].shape, values[v].dtype) for v in outs), params)
+        if known:
+            by_kind[node.semantics] = base
+        return base + (extra,)
 
     def add(kind, prim, ins, outs, dims, flops, mult, node=None, slots=(), role="other", path=""):
         ops.append(POp(new_id(), kind, prim, tuple(ins), tuple(outs), dims, flops, mult, node,

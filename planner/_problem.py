@@ -198,7 +198,9 @@ def build_groups(view: PlanningView) -> tuple[list[Group], dict[int, int]]:
         for v in op.outputs:
             group_of_value[v] = g.id
             g.produced.append(v)
+    values = view.values
     for g in groups:
+        home = g.id
         for mi, op in enumerate(g.members):
             if op.kind == "input":
                 # Even when the slot's value is made inside this group (a parameter's update
@@ -207,7 +209,7 @@ def build_groups(view: PlanningView) -> tuple[list[Group], dict[int, int]]:
                             if not _is_const(view, s.value)]
                 continue
             for k, v in enumerate(op.inputs):
-                if _is_const(view, v) or group_of_value.get(v, g.id) == g.id:
+                if group_of_value.get(v, home) == home or values[v].const is not None:
                     continue
                 g.slots.append((mi, k, v, op.mult))
     return groups, group_of_value

@@ -787,12 +787,14 @@ def _to_plan(graph, cluster, best: Solved, view, out_values, in_treedef, out_tre
         else:  # a constant output
             out_layouts.append(((),) * len(view.values[v].shape))
     op_inputs = {}
+    have = a.value_layout
     for op in view.ops:
-        if op.node is None or op.id not in a.op_layouts:
+        lays = a.op_layouts.get(op.id) if op.node is not None else None
+        if lays is None:
             continue
-        ins, _ = a.op_layouts[op.id]
-        if any(k < len(ins) and v in a.value_layout and ins[k] != a.value_layout[v]
-               for k, v in enumerate(op.inputs)):
+        ins = lays[0]
+        # An operand read in another layout than it has (values without one: constants).
+        if any(want != have.get(v, want) for v, want in zip(op.inputs, ins)):
             op_inputs[op.node.id] = tuple(ins)
     r = best.result
     problem = best.problem

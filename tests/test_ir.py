@@ -89,3 +89,27 @@ def test_batched_gather_and_its_scatter_walk_the_batch_dims():
     gather = ir.trace(loss, logits, labels).nodes
     gd = [n for n in gather if n.primitive == "gather"][0].dims
     assert gd.operands[0][:2] == ((0,), (1,)) and gd.operands[0][2] == ()
+
+
+def test_semantics_ids_are_equal_exactly_for_equal_primitive_params_and_types():
+    # Two identical layers, then one of another width: the planner reuses one signature
+    # per semantics id, so an id shared by different ops would merge unlike layers.
+    def step(w1, w2, w3, x):
+        h = jnp.tanh(x @ w1)
+        h = jnp.tanh(h @ w2)
+        return jnp.sum(jnp.tanh(h @ w3))
+
+    g = ir.trace(step, jnp.ones((8, 8)), jnp.ones((8, 8)), jnp.ones((8, 4)),
+                 jnp.ones((2, 8)), roles=("param", "param", "param", "data"))
+    by_id: dict[int, set] = {}
+    for n in g.nodes:
+        assert n.semantics >= 0  # every op here has hashable parameters
+        types = tuple((g.values[v].shape, g.values[v].dtype, g.values[v].is_const)
+                      for v in n.inputs + n.outputs)
+        by_id.setdefault(n.semantics, set()).add(
+            (n.primitive, tuple(sorted(map(repr, n.eqn.params.items()))), types))
+    assert all(len(kinds) == 1 for kinds in by_id.values())
+    dots = [n for n in g.nodes if n.primitive == "dot_general"]
+    assert dots[0].semantics == dots[1].semantics != dots[2].semantics
+    tanhs = [n for n in g.nodes if n.primitive == "tanh"]
+    assert tanhs[0].semantics == tanhs[1].semantics != tanhs[2].semantics
