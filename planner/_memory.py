@@ -103,6 +103,7 @@ _TUPLE_POINTER_BYTES = 8
 # Allocations per block in `_assign`'s skip list (about the square root of a deep model's
 # several thousand results).
 _BLOCK = 32
+_NEVER = 1 << 62  # a phase after every phase of a step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -900,39 +901,27 @@ def _assign(sizes, start, end, out_sizes, out_start) -> float:
     """XLA's buffer assignment, simplified: bytes of the temporary heap.
 
     Each result has an allocation of its own size; a temporary, largest first, reuses the
-    first such allocation (smallest first) that is large enough and holds nothing over
-    its life (the result itself is written at `out_start`). The rest share one heap whose
-    size is the peak of their live bytes.
+    first such allocation (by size, then by when its result is written) that is large
+    enough and holds nothing over its life (the result itself is written at `out_start`).
+    The rest share one heap whose size is the peak of their live bytes.
     """
     if not len(sizes):
         return 0.0
     order = np.lexsort((start, -sizes))
     n_slots = int(max(end.max(), out_start.max() if len(out_start) else 0)) + 1
-    a_order = np.argsort(out_sizes, kind="stable")
+    a_order = np.lexsort((out_start, out_sizes))
     a_sizes = out_sizes[a_order]
-    a_free_until = out_start[a_order]  # a result's own value owns its allocation from then
-    # Busy phases of each allocation: disjoint intervals sorted by start. (A bit mask per
-    # allocation costs time in proportion to the phase number: slow for long steps.)
-    busy_from: list[list[int]] = [[] for _ in a_sizes]
-    busy_to: list[list[int]] = [[] for _ in a_sizes]
-    free_until = a_free_until.tolist()
-    # Allocations in blocks, each with its latest free phase: a temporary that outlives
-    # every allocation of a block skips the block in one step (most temporaries outlive
-    # most allocations: a step's results are written at its end).
-    n_alloc = len(free_until)
-    n_blocks = (n_alloc + _BLOCK - 1) // _BLOCK
-    block_free = np.full(n_blocks * _BLOCK, -1, dtype=np.int64)
-    block_free[:n_alloc] = a_free_until
-    block_free = block_free.reshape(n_blocks, _BLOCK).max(axis=1).tolist()
+    allocations = _Allocations(a_sizes, out_start[a_order])
     # The first allocation large enough, per temporary (a_sizes is sorted).
     first_fit = np.searchsorted(a_sizes, sizes, side="left").tolist()
     first, last, size = start.tolist(), end.tolist(), sizes.tolist()
+    n = len(a_sizes)
     heap = np.zeros(len(sizes), dtype=bool)
     for i in order.tolist():
-        a, b = first[i], last[i]
         if size[i] <= 0:
             continue
-        heap[i] = not _reuse(a, b, first_fit[i], free_until, block_free, busy_from, busy_to)
+        lo = first_fit[i]
+        heap[i] = lo >= n or not allocations.reuse(first[i], last[i], lo)
     if not heap.any():
         return 0.0
     delta = np.zeros(n_slots + 1)
@@ -941,22 +930,74 @@ def _assign(sizes, start, end, out_sizes, out_start) -> float:
     return float(np.cumsum(delta).max())
 
 
-def _reuse(a: int, b: int, lo: int, free_until, block_free, busy_from, busy_to) -> bool:
-    """Put the temporary live over [a, b] in the first allocation from `lo` on that is
-    free then (marked busy); False if there is none."""
-    n = len(free_until)
-    for blk in range(lo // _BLOCK, len(block_free)):
-        if block_free[blk] <= b:
-            continue
-        for c in range(max(lo, blk * _BLOCK), min(n, (blk + 1) * _BLOCK)):
-            if free_until[c] <= b:
-                continue
-            k = bisect.bisect_right(busy_from[c], b)
-            if k == 0 or busy_to[c][k - 1] < a:  # no busy interval meets [a, b]
-                busy_from[c].insert(k, a)
-                busy_to[c].insert(k, b)
-                return True
-    return False
+class _Allocations:
+    """The results' allocations in first-fit order, the phases each is busy, and two skip
+    structures that keep `reuse` from walking allocations one by one (a deep model has
+    thousands, and a temporary that fits none, or only a late one, walked them all):
+
+    - runs of one size, within which the result is written later and later: those free
+      until after a phase b are a run's suffix, found by bisection;
+    - blocks of `_BLOCK` allocations, each allocation represented by one of its busy
+      intervals (its longest): when every allocation of a block has one and all of them
+      meet [a, b], none can take a temporary live over [a, b] (nested activation
+      lifetimes all meet each other).
+    """
+
+    def __init__(self, a_sizes: np.ndarray, free_until: np.ndarray):
+        n = len(a_sizes)
+        self.free_until = free_until.tolist()
+        # Busy phases of each allocation: disjoint intervals sorted by start. (A bit mask
+        # per allocation costs time in proportion to the phase number: slow for long steps.)
+        self.busy_from: list[list[int]] = [[] for _ in range(n)]
+        self.busy_to: list[list[int]] = [[] for _ in range(n)]
+        cuts = np.flatnonzero(np.diff(a_sizes)) + 1
+        self.run_first = [0] + cuts.tolist()
+        self.run_end = cuts.tolist() + [n]
+        self.run_of = np.repeat(np.arange(len(self.run_first)),
+                                np.diff(self.run_first + [n])).tolist()
+        # Represented interval per allocation (empty: from > to) and, per block, the
+        # latest start and earliest end among them, and how many are empty.
+        self.rep_from, self.rep_to = [_NEVER] * n, [-_NEVER] * n
+        n_blocks = (n + _BLOCK - 1) // _BLOCK
+        self.block_from, self.block_to = [_NEVER] * n_blocks, [-_NEVER] * n_blocks
+        self.block_empty = [min(_BLOCK, n - k * _BLOCK) for k in range(n_blocks)]
+
+    def reuse(self, a: int, b: int, lo: int) -> bool:
+        """Put the temporary live over [a, b] in the first allocation from `lo` on that is
+        free then (marked busy); False if there is none."""
+        busy_from, busy_to = self.busy_from, self.busy_to
+        block_from, block_to = self.block_from, self.block_to
+        for r in range(self.run_of[lo], len(self.run_first)):
+            end = self.run_end[r]
+            c = max(lo, bisect.bisect_right(self.free_until, b, self.run_first[r], end))
+            while c < end:
+                blk = c // _BLOCK
+                stop = min(end, (blk + 1) * _BLOCK)
+                if block_from[blk] <= b and block_to[blk] >= a:
+                    c = stop  # every allocation of the block is busy during [a, b]
+                    continue
+                for c in range(c, stop):
+                    k = bisect.bisect_right(busy_from[c], b)
+                    if k == 0 or busy_to[c][k - 1] < a:  # no busy interval meets [a, b]
+                        busy_from[c].insert(k, a)
+                        busy_to[c].insert(k, b)
+                        if b - a > self.rep_to[c] - self.rep_from[c]:
+                            self._represent(c, a, b)
+                        return True
+                c = stop
+        return False
+
+    def _represent(self, c: int, a: int, b: int) -> None:
+        """Represent allocation c by its busy interval [a, b] (its longest so far)."""
+        blk = c // _BLOCK
+        if self.rep_to[c] < self.rep_from[c]:
+            self.block_empty[blk] -= 1
+        self.rep_from[c], self.rep_to[c] = a, b
+        if self.block_empty[blk]:
+            return  # an empty allocation in the block: it is never skipped
+        lo, hi = blk * _BLOCK, min(len(self.rep_from), (blk + 1) * _BLOCK)
+        self.block_from[blk] = max(self.rep_from[lo:hi])
+        self.block_to[blk] = min(self.rep_to[lo:hi])
 
 
 def _curve(live: Liveness, sizes: np.ndarray) -> np.ndarray:

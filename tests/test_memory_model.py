@@ -78,6 +78,45 @@ def test_temporaries_reuse_result_buffers_written_later():
     assert heap == 100.0  # the 60 B one fits a result buffer, the other needs the heap
 
 
+def _first_fit_reference(sizes, start, end, out_sizes, out_start) -> float:
+    """The same buffer assignment written plainly: every allocation tried in order."""
+    allocs = sorted(range(len(out_sizes)), key=lambda j: (out_sizes[j], out_start[j]))
+    busy = {j: [] for j in allocs}
+    heap = []
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], start[i])):
+        a, b = start[i], end[i]
+        for j in allocs:
+            if out_sizes[j] >= sizes[i] and out_start[j] > b and \
+                    all(e < a or s > b for s, e in busy[j]):
+                busy[j].append((a, b))
+                break
+        else:
+            heap.append(i)
+    phases = range(max(list(end) + list(out_start)) + 1)
+    return max([sum(sizes[i] for i in heap if start[i] <= t <= end[i]) for t in phases],
+               default=0.0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_buffer_assignment_equals_a_plain_first_fit(seed):
+    # Nested lifetimes (a forward pass's activations, freed in reverse) and short ones,
+    # over more results than a skip block holds, in a few sizes: the skip structures of
+    # _assign must not change which allocation a temporary gets.
+    rng = np.random.default_rng(seed)
+    n_out, n_tmp, phases = 80, 400, 400
+    # Results written in the step's last 40 phases (the update), temporaries dead before.
+    out_sizes = rng.choice([64.0, 128.0, 256.0], n_out)
+    out_start = rng.integers(phases - 40, phases, n_out)
+    nested = rng.integers(0, phases // 2 - 30, n_tmp // 2)
+    starts = np.concatenate([nested, rng.integers(0, phases - 40, n_tmp - len(nested))])
+    lengths = np.concatenate([phases - 60 - 2 * nested,
+                              rng.integers(0, 20, n_tmp - len(nested))])
+    ends = np.minimum(starts + lengths, phases - 41)
+    sizes = rng.choice([32.0, 64.0, 128.0, 256.0, 512.0], n_tmp)
+    assert _assign(sizes, starts, ends, out_sizes, out_start) == \
+        _first_fit_reference(sizes, starts, ends, out_sizes, out_start)
+
+
 def test_optimizer_updates_run_next_to_their_gradients():
     # In program order every Adam update follows the whole backward pass; XLA's list
     # scheduler runs each update once its gradient exists, so the last layer's parameters
