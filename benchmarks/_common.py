@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +22,16 @@ def request_cpu_devices(n: int = 8) -> None:
     if len(jax.devices()) < n:
         raise SystemExit(f"needs {n} devices, JAX started with {len(jax.devices())}; run this "
                          "script in a fresh process (it sets jax_num_cpu_devices itself).")
+
+
+def owed_collection(since: float) -> float:
+    """Seconds from `since` (taken inside a phase run with the cyclic collector paused, as
+    meshplan traces and plans) to the end of the young-generation collection the phase's
+    objects owe: CPython's first automatic collection after a pause scans every object
+    made meanwhile and still alive (it may already run as the collector is re-enabled;
+    the explicit one here runs it otherwise)."""
+    gc.collect(0)
+    return time.perf_counter() - since
 
 
 def show_saved(path: str | None, report) -> bool:

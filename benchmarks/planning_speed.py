@@ -8,11 +8,16 @@ process is measured 30-50 % slower: JAX's caches keep the first one's traces ali
 "total" is what a user waits for in `step.plan(*args)`, split into:
   jax s       JAX tracing the step to a jaxpr (`jax.make_jaxpr`, as `ir.trace` runs it):
               the user's Python runs once per unrolled layer, outside meshplan's control
+              (with the collection its objects owe, see gc s)
   graph s     meshplan turning the jaxpr into its Graph (`step.trace`; JAX's trace cached)
   plan s      the search: planning view, classes, three logical meshes' ILPs, evaluation
   (ilp s)     of which HiGHS and the model around it, for the chosen mesh (varies run to
               run by up to a second at either depth: it does not depend on depth)
   meshplan s  graph + plan, the part the planner's design controls
+  gc s        the collection meshplan's objects owe: meshplan traces and plans with
+              CPython's cyclic collector paused (`ir._util.paused_gc`), and the first
+              automatic collection after the pause scans every object made meanwhile and
+              still alive (the graph and plan are kept for compiling and running)
 The last lines fit time = fixed + per-layer x layers through the two depths and give the
 best total ratio any planner could reach beside JAX's own tracing: the user's Python runs
 once per unrolled layer, so 96 layers plan within twice the time of 24 only if the planner
@@ -24,6 +29,7 @@ Run: python benchmarks/planning_speed.py [--layers 24 48 96] [--repeat 3] [--tim
      [--cluster a100x1|a100x4|h100x2]
 """
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -33,7 +39,7 @@ import time
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CLUSTERS, make_cluster  # noqa: E402
+from _common import CLUSTERS, make_cluster, owed_collection  # noqa: E402
 
 TARGET_RATIO = 2.0  # the issue's bound on the deepest / shallowest planning time
 
@@ -52,17 +58,24 @@ def one_run(layers: int, hidden: int, time_limit: float, devices: int,
               abstract=True)
     step = mp.auto_parallel(ex.train_step, time_limit=time_limit,
                             cluster=make_cluster(cluster))
-    t0 = time.perf_counter()
-    with paused_gc():  # as ir.trace runs it
+    gc.collect()  # nothing left owing from building the example
+    with paused_gc():  # as meshplan traces and plans
+        t0 = time.perf_counter()
         jax.make_jaxpr(ex.train_step)(*ex.args)  # JAX's own tracing; step.trace reuses it
-    t1 = time.perf_counter()
-    step.trace(*ex.args)
-    t2 = time.perf_counter()
-    plan = step.plan(*ex.args, compare_baselines=False)
-    t3 = time.perf_counter()
+        t_jax = time.perf_counter()
+    jax_s = t_jax - t0 + owed_collection(t_jax)
+    with paused_gc():
+        t1 = time.perf_counter()
+        step.trace(*ex.args)
+        t2 = time.perf_counter()
+        plan = step.plan(*ex.args, compare_baselines=False)
+        t3 = time.perf_counter()
+    mp_gc = owed_collection(t3)
     solver = dict(plan.solver)
-    return {"layers": layers, "jax": t1 - t0, "graph": t2 - t1, "plan": t3 - t2,
-            "meshplan": t3 - t1, "total": t3 - t0, "ilp": solver["ilp_seconds"],
+    mp_s = t3 - t1
+    return {"layers": layers, "jax": jax_s, "graph": t2 - t1, "plan": t3 - t2,
+            "meshplan": mp_s, "gc": mp_gc, "total": jax_s + mp_s + mp_gc,
+            "ilp": solver["ilp_seconds"],
             "classes": solver["classes"],
             "groups": solver["groups"], "mesh": "x".join(map(str, plan.mesh_shape)),
             "status": solver["status"]}
@@ -85,9 +98,9 @@ def main():
                                  args.cluster)))
         return
 
-    cols = ("jax", "graph", "plan", "ilp", "meshplan", "total")
+    cols = ("jax", "graph", "plan", "ilp", "meshplan", "gc", "total")
     print(f"{'layers':>6} {'jax s':>7} {'graph s':>8} {'plan s':>7} {'(ilp s)':>7} "
-          f"{'meshplan s':>10} "
+          f"{'meshplan s':>10} {'gc s':>5} "
           f"{'total s':>8} {'classes':>8} {'groups':>7} {'mesh':>6} status")
     runs: dict[int, list[dict]] = {layers: [] for layers in args.layers}
     for _ in range(args.repeat):
@@ -105,12 +118,14 @@ def main():
         rows.append(row)
         print(f"{layers:>6} {row['jax']:7.2f} {row['graph']:8.2f} {row['plan']:7.2f} "
               f"{row['ilp']:7.2f} "
-              f"{row['meshplan']:10.2f} {row['total']:8.2f} {row['classes']:>8} "
+              f"{row['meshplan']:10.2f} {row['gc']:5.2f} {row['total']:8.2f} {row['classes']:>8} "
               f"{row['groups']:>7} {row['mesh']:>6} {row['status']}")
     if len(rows) >= 2:
         first, last = rows[0], rows[-1]
         print(f"ratio {last['layers']} / {first['layers']} layers: "
-              f"meshplan {last['meshplan'] / first['meshplan']:.2f}, "
+              f"meshplan {last['meshplan'] / first['meshplan']:.2f} "
+              f"({(last['meshplan'] + last['gc']) / (first['meshplan'] + first['gc']):.2f} "
+              f"with its collection), "
               f"total {last['total'] / first['total']:.2f}, jax {last['jax'] / first['jax']:.2f}")
         print(depth_bound(first, last))
 
