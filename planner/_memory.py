@@ -398,6 +398,10 @@ def liveness(view: PlanningView) -> Liveness:
             ins = ins + tuple(s.value for s in op.slots)
         if len(ins) == 1:
             reads = src.get(ins[0], ())  # already an ordered set
+        elif len(ins) == 2:  # most ops: a binary op, whose operands often read the same
+            first, second = src.get(ins[0], ()), src.get(ins[1], ())
+            reads = first if not second or second == first else second if not first else \
+                tuple(dict.fromkeys(first + second))
         else:
             # An ordered set: fused chains can read hundreds of buffers.
             reads = tuple(dict.fromkeys(chain.from_iterable([src.get(v, ()) for v in ins])))
@@ -543,9 +547,12 @@ def _timeline(view, units, order, reads_of_op, flat_reads, stored, args, outputs
         lo, hi = n_slots, -1
         for v in ops[k].outputs:
             for c in consumers.get(v, ()):
-                if first_slot[c] >= 0:
-                    lo = min(lo, first_slot[c])
-                    hi = max(hi, last_slot[c])
+                f = first_slot[c]
+                if f >= 0:  # (comparisons, not min/max: a deep step has 100k of these)
+                    if f < lo:
+                        lo = f
+                    if last_slot[c] > hi:
+                        hi = last_slot[c]
         if hi >= 0:
             first_slot[k], last_slot[k] = lo, hi
     start: dict[int, int] = {}
@@ -575,7 +582,7 @@ def _timeline(view, units, order, reads_of_op, flat_reads, stored, args, outputs
                         and values[b].dtype == values[v].dtype):
                     end[b] = 2 * s
                     break
-    temps = sorted(start, key=lambda v: start[v])
+    temps = sorted(start, key=start.__getitem__)
     last_phase = 2 * n_slots - 1
     st = np.array([start[v] for v in temps], dtype=np.int64)
     en = np.array([last_phase if v in out_set else end[v] for v in temps], dtype=np.int64)

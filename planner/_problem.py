@@ -277,25 +277,19 @@ def _wl_hashes(view: PlanningView, rounds: int = 3) -> list[int]:
     one planning run.
     """
     ops = view.ops
-    index = {op.id: i for i, op in enumerate(ops)}
-    made_by = {v: index[op.id] for op in ops for v in op.outputs}
-    # Operands in order: the producing op (or -1: a constant / graph input) and position.
-    in_op, in_pos, in_of = [], [], []
-    # Consumers: (producer op, consuming op) per operand use.
-    use_src, use_dst = [], []
-    for i, op in enumerate(ops):
-        for k, v in enumerate(op.inputs):
-            p = made_by.get(v, -1)
-            in_op.append(p)
-            in_pos.append(k)
-            in_of.append(i)
-            if p >= 0:
-                use_src.append(p)
-                use_dst.append(i)
     n = len(ops)
-    in_op, in_of = np.array(in_op, dtype=np.int64), np.array(in_of, dtype=np.int64)
-    position = _mix(np.array(in_pos, dtype=np.uint64) + np.uint64(1))
-    use_src, use_dst = np.array(use_src, dtype=np.int64), np.array(use_dst, dtype=np.int64)
+    made_by = {v: i for i, op in enumerate(ops) for v in op.outputs}
+    # Operands in order: the op reading (in_of), the producing op (in_op; -1: a constant or
+    # graph input) and the position.
+    lens = np.fromiter(map(len, (op.inputs for op in ops)), dtype=np.int64, count=n)
+    in_op = np.fromiter((made_by.get(v, -1) for op in ops for v in op.inputs),
+                        dtype=np.int64, count=int(lens.sum()))
+    in_of = np.repeat(np.arange(n, dtype=np.int64), lens)
+    in_pos = np.arange(len(in_op), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+    position = _mix(in_pos.astype(np.uint64) + np.uint64(1))
+    # Consumers: (producer op, consuming op) per operand use.
+    used = in_op >= 0
+    use_src, use_dst = in_op[used], in_of[used]
     h = np.array([hash(op.sig) for op in ops], dtype=np.int64).view(np.uint64)
     with np.errstate(over="ignore"):
         for _ in range(rounds):
