@@ -24,7 +24,7 @@ def request_cpu_devices(n: int = 8) -> None:
                          "script in a fresh process (it sets jax_num_cpu_devices itself).")
 
 
-def owed_collection(since: float) -> float:
+def _owed_collection(since: float) -> float:
     """Seconds from `since` (taken inside a phase run with the cyclic collector paused, as
     meshplan traces and plans) to the end of the young-generation collection the phase's
     objects owe: CPython's first automatic collection after a pause scans every object
@@ -32,6 +32,40 @@ def owed_collection(since: float) -> float:
     the explicit one here runs it otherwise)."""
     gc.collect(0)
     return time.perf_counter() - since
+
+
+def timed_plan(step, args, progress=None, **plan_kwargs) -> dict:
+    """Trace and plan `step(*args)` as a user's `step.plan(*args)` does, timed in parts:
+    "jax" (JAX's own trace, `jax.make_jaxpr`, which `step.trace` then reuses), "graph"
+    (meshplan's trace), "plan" (the search), "meshplan" (the two), "gc" (the collection
+    meshplan's objects owe; JAX's is counted in "jax") and "total". Each phase runs with
+    the cyclic collector paused, as meshplan runs it. Also "result": the Plan, or the
+    MemoryError of a search in which nothing fits. `progress(message, seconds since
+    meshplan started)` reports the search as it goes."""
+    import jax
+
+    from meshplan.ir._util import paused_gc
+
+    gc.collect()  # nothing left owing from building the example
+    with paused_gc():
+        t0 = time.perf_counter()
+        jax.make_jaxpr(step.fn)(*args)
+        t_jax = time.perf_counter()
+    jax_s = t_jax - t0 + _owed_collection(t_jax)
+    if progress is not None:
+        plan_kwargs["progress"] = lambda msg: progress(msg, time.perf_counter() - t1)
+    with paused_gc():
+        t1 = time.perf_counter()
+        step.trace(*args)
+        t2 = time.perf_counter()
+        try:
+            result = step.plan(*args, **plan_kwargs)
+        except MemoryError as e:  # the search ran; nothing fits
+            result = e
+        t3 = time.perf_counter()
+    gc_s = _owed_collection(t3)
+    return {"jax": jax_s, "graph": t2 - t1, "plan": t3 - t2, "meshplan": t3 - t1,
+            "gc": gc_s, "total": jax_s + (t3 - t1) + gc_s, "result": result}
 
 
 def show_saved(path: str | None, report) -> bool:

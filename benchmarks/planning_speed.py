@@ -29,17 +29,15 @@ Run: python benchmarks/planning_speed.py [--layers 24 48 96] [--repeat 3] [--tim
      [--cluster a100x1|a100x4|h100x2]
 """
 import argparse
-import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CLUSTERS, make_cluster, owed_collection  # noqa: E402
+from _common import CLUSTERS, make_cluster, timed_plan  # noqa: E402
 
 TARGET_RATIO = 2.0  # the issue's bound on the deepest / shallowest planning time
 
@@ -52,30 +50,16 @@ def one_run(layers: int, hidden: int, time_limit: float, devices: int,
     import meshplan as mp
     from meshplan.examples import make
 
-    from meshplan.ir._util import paused_gc
-
     ex = make("gpt", layers=layers, hidden=hidden, heads=16, seq=512, batch=8, vocab=4096,
               abstract=True)
     step = mp.auto_parallel(ex.train_step, time_limit=time_limit,
                             cluster=make_cluster(cluster))
-    gc.collect()  # nothing left owing from building the example
-    with paused_gc():  # as meshplan traces and plans
-        t0 = time.perf_counter()
-        jax.make_jaxpr(ex.train_step)(*ex.args)  # JAX's own tracing; step.trace reuses it
-        t_jax = time.perf_counter()
-    jax_s = t_jax - t0 + owed_collection(t_jax)
-    with paused_gc():
-        t1 = time.perf_counter()
-        step.trace(*ex.args)
-        t2 = time.perf_counter()
-        plan = step.plan(*ex.args, compare_baselines=False)
-        t3 = time.perf_counter()
-    mp_gc = owed_collection(t3)
+    times = timed_plan(step, ex.args, compare_baselines=False)
+    plan = times.pop("result")
+    if isinstance(plan, Exception):
+        raise plan
     solver = dict(plan.solver)
-    mp_s = t3 - t1
-    return {"layers": layers, "jax": jax_s, "graph": t2 - t1, "plan": t3 - t2,
-            "meshplan": mp_s, "gc": mp_gc, "total": jax_s + mp_s + mp_gc,
-            "ilp": solver["ilp_seconds"],
+    return {"layers": layers, **times, "ilp": solver["ilp_seconds"],
             "classes": solver["classes"],
             "groups": solver["groups"], "mesh": "x".join(map(str, plan.mesh_shape)),
             "status": solver["status"]}

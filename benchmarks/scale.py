@@ -27,7 +27,6 @@ Writes benchmarks/results/scale.json.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -35,7 +34,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import owed_collection, pick, save_rows, show_saved, table  # noqa: E402
+from _common import pick, save_rows, show_saved, table, timed_plan  # noqa: E402
 
 GPT3 = dict(hidden=12288, heads=96, seq=2048, batch=1536, vocab=51200, dtype="bfloat16")
 POINTS = {"layers": [(24, 128), (48, 128), (96, 128)],  # (layers, DGX A100 nodes)
@@ -44,40 +43,24 @@ POINTS = {"layers": [(24, 128), (48, 128), (96, 128)],  # (layers, DGX A100 node
 
 def one(variant: str, layers: int, nodes: int, time_limit: float) -> dict:
     """Trace and plan one point in this process."""
-    import jax
     import meshplan as mp
     from meshplan.examples import make
-    from meshplan.ir._util import paused_gc
 
     ex = make("gpt_scan" if variant == "scanned" else "gpt", layers=layers, abstract=True,
               **GPT3)
     step = mp.auto_parallel(ex.train_step, cluster=mp.clusters.dgx_a100(nodes=nodes),
                             time_limit=time_limit)
-    gc.collect()  # nothing left owing from building the example
-    with paused_gc():  # as meshplan traces and plans
-        t0 = time.perf_counter()
-        jax.make_jaxpr(ex.train_step)(*ex.args)
-        t_jax = time.perf_counter()
-    jax_s = t_jax - t0 + owed_collection(t_jax)
 
-    def progress(msg):
-        print(f"    [{variant} {layers}L {8 * nodes} GPUs, {time.perf_counter() - t1:5.1f} s] "
-              f"{msg}", file=sys.stderr, flush=True)
+    def progress(msg, seconds):
+        print(f"    [{variant} {layers}L {8 * nodes} GPUs, {seconds:5.1f} s] {msg}",
+              file=sys.stderr, flush=True)
 
-    failed = None
-    with paused_gc():
-        t1 = time.perf_counter()
-        step.trace(*ex.args)
-        try:
-            plan = step.plan(*ex.args, compare_baselines=False, progress=progress)
-        except MemoryError as e:  # the search ran; nothing fits 80 GB per GPU
-            failed = e
-        t2 = time.perf_counter()
-    gc_s = owed_collection(t2)
-    times = {"jax": jax_s, "meshplan": t2 - t1, "gc": gc_s, "total": jax_s + t2 - t1 + gc_s}
-    if failed is not None:
+    times = timed_plan(step, ex.args, progress, compare_baselines=False)
+    plan = times.pop("result")
+    times = {k: times[k] for k in ("jax", "meshplan", "gc", "total")}
+    if isinstance(plan, MemoryError):
         return {"variant": variant, "layers": layers, "gpus": 8 * nodes, **times,
-                "plan": "nothing fits: " + str(failed).split(";")[1].strip().split(".")[0],
+                "plan": "nothing fits: " + str(plan).split(";")[1].strip().split(".")[0],
                 "step_s": None, "peak_gib": None, "fits": False}
     shape = dict(zip(plan.axis_names, plan.mesh_shape))
     pp = plan.pipeline

@@ -957,11 +957,9 @@ class _Allocations:
         # per allocation costs time in proportion to the phase number: slow for long steps.)
         self.busy_from: list[list[int]] = [[] for _ in range(n)]
         self.busy_to: list[list[int]] = [[] for _ in range(n)]
-        cuts = np.flatnonzero(np.diff(a_sizes)) + 1
-        self.run_first = [0] + cuts.tolist()
-        self.run_end = cuts.tolist() + [n]
-        self.run_of = np.repeat(np.arange(len(self.run_first)),
-                                np.diff(self.run_first + [n])).tolist()
+        # Run r is allocations bounds[r] to bounds[r + 1] - 1.
+        self.bounds = [0] + (np.flatnonzero(np.diff(a_sizes)) + 1).tolist() + [n]
+        self.run_of = np.repeat(np.arange(len(self.bounds) - 1), np.diff(self.bounds)).tolist()
         # Represented interval per allocation (empty: from > to) and, per block, the
         # latest start and earliest end among them, and how many are empty.
         self.rep_from, self.rep_to = [_NEVER] * n, [-_NEVER] * n
@@ -974,9 +972,10 @@ class _Allocations:
         free then (marked busy); False if there is none."""
         busy_from, busy_to = self.busy_from, self.busy_to
         block_from, block_to = self.block_from, self.block_to
-        for r in range(self.run_of[lo], len(self.run_first)):
-            end = self.run_end[r]
-            c = max(lo, bisect.bisect_right(self.free_until, b, self.run_first[r], end))
+        bounds = self.bounds
+        for r in range(self.run_of[lo], len(bounds) - 1):
+            end = bounds[r + 1]
+            c = max(lo, bisect.bisect_right(self.free_until, b, bounds[r], end))
             while c < end:
                 blk = c // _BLOCK
                 stop = min(end, (blk + 1) * _BLOCK)
