@@ -698,6 +698,41 @@ def _stage_tables(cs: tuple[LayerCosts, ...], s: Setting) -> list:
     return [_tables(c, s) for c in cs]  # stages on alike devices share one (memoised)
 
 
+class _Cumulative:
+    """Running sums of one stage's `_Tables` from layer 0, which `split` bisects: a piece
+    [a, b) holds cum[b] - cum[a]. Memoised beside the tables: the split search asks for
+    the same ones hundreds of times (every stage count, schedule and microbatch count)."""
+
+    def __init__(self, t: "_Tables"):
+        def cum(a):
+            return np.concatenate([[0.0], np.cumsum(a)])
+        self.time = cum(t.f + t.b).tolist()
+        self.state, self.grads, self.act = cum(t.state), cum(t.grads), cum(t.act)
+        self.update, self.fresh = cum(t.update), cum(t.fresh)
+        self.work = float(t.work.max()) if len(t.work) else 0.0
+        self._memory: dict = {}
+
+    def memory(self, phase: str, in_flight: int = 0) -> list:
+        """`_stage_peak`'s running tables: the first backward pass's ("first": state,
+        in-flight activations, rebuilt residuals), a later one's ("later": the gradient
+        sums too) and the update's ("update": state, sums and new copies)."""
+        key = (phase, in_flight)
+        if key not in self._memory:
+            self._memory[key] = (
+                self.state + in_flight * self.act + self.fresh if phase == "first" else
+                self.state + self.grads + in_flight * self.act + self.fresh
+                if phase == "later" else self.state + self.grads + self.update).tolist()
+        return self._memory[key]
+
+
+def _cumulative(c: LayerCosts, s: Setting) -> _Cumulative:
+    """The `_Cumulative` of `c`'s tables under `s` (memoised on `c`)."""
+    key = ("cumulative", s.m, s.remat, s.zero, s.recompute if s.remat == "layers" else ())
+    if key not in c.tables_memo:
+        c.tables_memo[key] = _Cumulative(_tables(c, s))
+    return c.tables_memo[key]
+
+
 def split(c, s: Setting, limit):
     """The memory-feasible split minimising the slowest piece; None if none fits.
 
@@ -716,26 +751,17 @@ def split(c, s: Setting, limit):
         return None
     flight = in_flight(s.p, s.m, s.schedule, s.v)
     later = in_flight_with_gradients(s.p, s.m, s.schedule, s.v)
+    sums = [_cumulative(c, s) for c in cs]
     times = [t.f + t.b for t in tabs]
-    cum = lambda a: np.concatenate([[0.0], np.cumsum(a)])
-    memo: dict = {}  # cumulative tables per distinct (stage tables, in-flight count)
-    tm_d = [memo.setdefault(id(t), cum(times[d]).tolist()) for d, t in enumerate(tabs)]
-    sms = [cum(t.state) for t in tabs]
-    gms = [cum(t.grads) for t in tabs]
-    ams = [cum(t.act) for t in tabs]
-    ums = [cum(t.update) for t in tabs]
-    fms = [cum(t.fresh) for t in tabs]
-    first_d = [memo.setdefault((id(t), "first", flight[d]),
-                               (sms[d] + flight[d] * ams[d] + fms[d]).tolist())
-               for d, t in enumerate(tabs)]
-    later_d = [memo.setdefault((id(t), "later", later[d]),
-                               (sms[d] + gms[d] + later[d] * ams[d] + fms[d]).tolist())
-               for d, t in enumerate(tabs)]
-    upd_d = [memo.setdefault((id(t), "update"), (sms[d] + gms[d] + ums[d]).tolist())
-             for d, t in enumerate(tabs)]
+    sms, gms, ams, ums, fms = ([getattr(u, name) for u in sums]
+                               for name in ("state", "grads", "act", "update", "fresh"))
+    tm_d = [u.time for u in sums]
+    first_d = [u.memory("first", flight[d]) for d, u in enumerate(sums)]
+    later_d = [u.memory("later", later[d]) for d, u in enumerate(sums)]
+    upd_d = [u.memory("update") for u in sums]
     tms = [tm_d[k % s.p] for k in range(pieces)]
     # One working set per stage: bound it by the largest (a layer's ops run one at a time).
-    works = [float(t.work.max()) if n else 0.0 for t in tabs]
+    works = [u.work for u in sums]
 
     def phases(d: int) -> list:
         """Stage d's memory tables (`_stage_peak`) with their rooms: the later backward
@@ -759,16 +785,19 @@ def split(c, s: Setting, limit):
     fastest = np.min(np.stack(times), axis=0)
     lo = max(float(fastest.sum()) / pieces, float(fastest.max()))
     hi = max(tm[-1] for tm in tms)
-    best = greedy(hi)
+    best, slowest = greedy(hi)
     if best is None:
         return None
+    hi = min(hi, slowest)
     for _ in range(30):  # bisect the bound on the slowest piece
         mid = (lo + hi) / 2
-        got = greedy(mid)
+        got, need = greedy(mid)
+        # Both ends move to where the fill changes: a failed bound fails up to the time
+        # the fill needs to change, a split found holds at its own slowest piece.
         if got is None:
-            lo = mid
+            lo = max(mid, need / _SLACK)
         else:
-            hi, best = mid, got
+            hi, best = min(mid, need), got
         if hi - lo <= 1e-6 * hi:
             break
     if s.v > 1 and best is not None:
@@ -786,35 +815,44 @@ def split(c, s: Setting, limit):
     return best
 
 
+_SLACK = 1 + 1e-9  # a piece may take its bound this much over: rounding of running sums
+
+
 def _greedy(tms, mems, pieces, bound, rooms):
     """Fill pieces left to right, each as long as time <= bound and each of its memory
     tables (cumulative, one per phase) <= its room allow, leaving a layer for each later
-    piece; None if the last piece overflows."""
+    piece. Returns (the pieces, the time of the slowest), or (None, the least time for
+    which the fill changes) if the last piece overflows: every bound below that fails too,
+    as each piece filled up to the time bound would stop at the same layer."""
     n = len(tms[0]) - 1
     out = []
     first = 0
+    slowest, change = 0.0, math.inf
+    cap = bound * _SLACK
     for k in range(pieces):
         end = n - (pieces - k - 1)
-        if first >= end:
-            return None
         tm = tms[k]
         phases = list(zip(mems[k], rooms[k]))
         if k == pieces - 1:
             last = n
-            if tm[n] - tm[first] > bound * (1 + 1e-9) or any(
-                    mem[n] - mem[first] > room for mem, room in phases):
-                return None
+            if tm[n] - tm[first] > cap:
+                return None, min(change, tm[n] - tm[first])
+            if any(mem[n] - mem[first] > room for mem, room in phases):
+                return None, change
         else:
-            last = bisect.bisect_right(tm, tm[first] + bound * (1 + 1e-9), first + 1,
-                                       end + 1) - 1
+            by_time = last = bisect.bisect_right(tm, tm[first] + cap, first + 1, end + 1) - 1
             for mem, room in phases:
                 last = min(last, bisect.bisect_right(mem, mem[first] + room, first + 1,
                                                      end + 1) - 1)
             if last <= first:
-                return None
+                return None, (min(change, tm[first + 1] - tm[first]) if by_time <= first
+                              else change)
+            if last == by_time < end:  # the time bound stopped it: one more layer's time
+                change = min(change, tm[last + 1] - tm[first])
+        slowest = max(slowest, tm[last] - tm[first])
         out.append((first, last))
         first = last
-    return out
+    return out, slowest
 
 
 def evaluate_split(c, s: Setting, pieces, hop) -> PipelineChoice:
@@ -950,18 +988,38 @@ def best_pipeline(c, p: int, limit, hop, *, schedules, remats, zeros,
                                 continue
                             s = dataclasses.replace(s, remat="full")
                             stages = splits["full"] if "full" in splits else split(c, s, limit)
-                            s = stages and selective(c, s, stages, limit,
-                                                     uniform=tuple(remats) == ("layers",))
+                            # Recomputing fewer layers than all is no faster than none.
+                            if stages is None or _cannot_beat(
+                                    best, c, dataclasses.replace(s, remat="none"), stages):
+                                continue
+                            s = selective(c, s, stages, limit,
+                                          uniform=tuple(remats) == ("layers",))
                             if not s:
                                 continue
                         else:
                             stages = splits[remat] = split(c, s, limit)
-                        if stages is None:
+                        if stages is None or _cannot_beat(best, c, s, stages):
                             continue
                         got = evaluate_split(c, s, stages, hop)
                         if best is None or got.step_time < best.step_time:
                             best = got
     return best
+
+
+def _cannot_beat(best: PipelineChoice | None, c, s: Setting, pieces) -> bool:
+    """Whether `pieces` under `s` are surely no faster than `best`, from a lower bound of
+    `evaluate_split`'s step time without its sums: every schedule keeps the busiest device
+    computing for m microbatches (`pipeline_time`); sends and once-per-step work only
+    add. The bound is read from running sums, so it is lowered by far more than their
+    rounding before it rules a split out."""
+    if best is None:
+        return False
+    times = [_cumulative(x, s).time for x in _per_stage(c, s.p)]
+    busy = [0.0] * s.p
+    for k, (first, last) in enumerate(pieces):
+        tm = times[k % s.p]
+        busy[k % s.p] += tm[last] - tm[first]
+    return s.m * max(busy) * (1 - 1e-9) >= best.step_time
 
 
 _REMAT_ORDER = ("none", "full", "layers")  # "layers" is tried knowing whether the others fit
