@@ -245,11 +245,12 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
     """
     problem = _problem(graph_view, cluster, cand, c, opts, grouping, shared, weight_moves,
                        one_program)
-    sizes = np.array([graph_view.values[v].nbytes for v in live.temps], dtype=float)
-    times = peak_times(live, sizes, _PEAKS_PER_ROW_SET)
+    # No limit (a pipeline stage's plan, whose memory is the split's to check): no rows,
+    # and no need for the slots where the unsharded step peaks.
+    times = peak_times(live, _unsharded_sizes(graph_view, live), _PEAKS_PER_ROW_SET) \
+        if math.isfinite(limit) else []
     result = None
     for _ in range(_MEMORY_ROUNDS):
-        # No limit (a pipeline stage's plan, whose memory is the split's to check): no rows.
         rows = memory_rows(problem, live, limit, times, aliased) if math.isfinite(limit) \
             else ()
         result = solve(problem, rows, opts.time_limit)
@@ -278,6 +279,11 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
         cost = dataclasses.replace(cost, breakdown=tuple((rename.get(k, k), v)
                                                          for k, v in cost.breakdown))
     return Solved(cand, names, cost, assignment, result, problem)
+
+
+def _unsharded_sizes(view, live) -> np.ndarray:
+    """Bytes of each of the timeline's results, unsharded."""
+    return np.array([view.values[v].nbytes for v in live.temps], dtype=float)
 
 
 def _improve_placement(solved: Solved, view, live, cluster: Cluster, c: Constraints,
