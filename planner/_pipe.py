@@ -241,8 +241,16 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
     def per_device(v) -> float:
         return view.values[v].nbytes / cut_into(layout(v))
 
+    sources = _layout_sources(problem.grouping, index.made_by)
+    # Per source (a class's produced value or op result): the layout this plan gives it.
+    source_layout = [None] + [
+        (st.produced[j] if op < 0 else st.ops[op][1][j])
+        for st, op, j in ((problem.strategies[c][choice[c]], op, j)
+                          for c, op, j in sources.keys)]
+    source_shards = np.array([cut_into(lay) for lay in source_layout], dtype=float)
+
     def per_device_all(vs: list[int], nbytes: np.ndarray) -> np.ndarray:
-        return nbytes / np.array([cut_into(layout(v)) for v in vs], dtype=float)
+        return nbytes / source_shards[sources.codes(vs)]
 
     # Groups of one class run one strategy: its costs are worked out once per class and
     # pass, and spread over the layers its groups run in (a 96-layer model has ~100
@@ -301,7 +309,8 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
         return whole_over_dp[k]
 
     b = per_device_all(held.values, held.nbytes)[held.row]
-    free = np.array([dp_free(layout(v)) for v in held.values], dtype=bool)[held.row]
+    free = np.array([dp_free(lay) for lay in source_layout], dtype=bool)[
+        sources.codes(held.values)][held.row]
     param = held.param[held.row]
     kept = ~np.array([v in in_place for v in held.values], dtype=bool)[held.row]
     layer = held.layer
@@ -347,6 +356,52 @@ def layer_costs(problem, choice, assignment, layers: Layers, live, dp_axes,
                       weights_dp, opt_dp, gather, sent, fflops, outputs, dp_size,
                       _global_batch(view), fwd_fixed, bwd_fixed, rebuilt=rebuilt,
                       in_scan=in_scan)
+
+
+class _LayoutSources:
+    """Where each value's layout comes from in any plan of a grouping: every group of a
+    class takes the class's strategy, so a value's layout is the strategy's layout of
+    one of the class's produced values, or of one of its ops' results (a follower's). A
+    plan's layouts of many values are then one array index (`layer_costs` asks for tens
+    of thousands per stage mesh), not a lookup each."""
+
+    def __init__(self, grouping, made_by: dict[int, tuple[int, int]]):
+        self.keys: list[tuple[int, int, int]] = []  # (class, member or -1, index)
+        self._code: dict[int, int] = {}  # value -> 1 + its key's position; 0: no layout
+        self._lists: dict[int, tuple[list, np.ndarray]] = {}
+        key_code: dict[tuple[int, int, int], int] = {}
+
+        def code(key) -> int:
+            if key not in key_code:
+                self.keys.append(key)
+                key_code[key] = len(self.keys)
+            return key_code[key]
+
+        op_source: dict[int, tuple[int, int]] = {}  # op id -> (class, member)
+        for c, (values, op_ids) in enumerate(grouping.class_members):
+            g = grouping.groups[grouping.classes[c][0]]
+            per_group, members = len(g.produced), len(g.members)
+            for i, v in enumerate(values):  # as `assign`: a later class's layout wins
+                self._code[v] = code((c, -1, i % per_group))
+            for i, op_id in enumerate(op_ids):
+                op_source[op_id] = (c, i % members)
+        for v, (op_id, k) in made_by.items():  # a result inside a group
+            if v not in self._code and op_id in op_source:
+                self._code[v] = code(op_source[op_id] + (k,))
+
+    def codes(self, values: list[int]) -> np.ndarray:
+        """Per value, 1 + its source's position in `keys` (0: no layout, unsharded)."""
+        got = self._lists.get(id(values))
+        if got is None or got[0] is not values:
+            got = self._lists[id(values)] = (values, np.array(
+                [self._code.get(v, 0) for v in values], dtype=np.int64))
+        return got[1]
+
+
+def _layout_sources(grouping, made_by) -> _LayoutSources:
+    """The `_LayoutSources` of a grouping, kept with it."""
+    return memo_of(grouping.memo, "layout sources", made_by,
+                   lambda: _LayoutSources(grouping, made_by))
 
 
 @dataclasses.dataclass(frozen=True)
