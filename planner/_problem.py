@@ -106,6 +106,27 @@ class Grouping:
         return mults
 
     @functools.cached_property
+    def slot_reads(self) -> dict[tuple[int, int, int, int], list[tuple]] | None:
+        """The reads `slot_mults` counts, listed: bucket -> [(order, value, executions of
+        the reading op, mult)], `order` running over every group's slots in turn. Every
+        group of a class takes the class's strategy, so a plan moves a bucket's values
+        only when its producer layout differs from its slot layout. None when a value is
+        produced by two groups (then the bucket does not tell its producer layout)."""
+        groups, group_of_value = self.groups, self.group_of_value
+        index = {v: i for g in groups for i, v in enumerate(g.produced)}
+        if len(index) != sum(len(g.produced) for g in groups):
+            return None
+        reads: dict[tuple[int, int, int, int], list[tuple]] = {}
+        order = 0
+        for g in groups:
+            for si, (mi, k, v, mult) in enumerate(g.slots):
+                key = (groups[group_of_value[v]].cls, g.cls, index[v], si)
+                reads.setdefault(key, []).append(
+                    (order, v, g.members[mi].mult if k >= 0 else mult, mult))
+                order += 1
+        return reads
+
+    @functools.cached_property
     def class_members(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         """Per class: the values its groups produce and their ops' ids, group after group
         (each group of a class lists them in the same order as its strategies do)."""
