@@ -336,3 +336,67 @@ def test_a_stack_gathered_for_two_loops_is_gathered_once():
     m = mp.measure(step.compile(*ex.args, plan=plan))
     assert dict(plan.cost.comm_by_kind)["all-gather"] == pytest.approx(
         m.by_kind()["all-gather"], rel=0.01)
+
+
+def _gpt_problem(layers=3):
+    """A small unrolled GPT's ILP data on a 2 x 4 mesh of a DGX A100 node (repeated
+    layers: classes of several groups)."""
+    from meshplan.planner._problem import group_view
+    ex = make("gpt", layers=layers, abstract=True)
+    t = mp.auto_parallel(ex.train_step).trace(*ex.args)
+    view = build_view(t.graph, t.pairs)
+    cluster = mp.clusters.dgx_a100(nodes=1)
+    mesh = LogicalMesh((2, 4), tuple(range(8)))
+    return build_problem(view, CommModel(cluster, mesh), cluster.devices[0], Efficiency(),
+                         grouping=group_view(view, True))
+
+
+def _random_choices(problem, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[int(rng.integers(len(s))) for s in problem.strategies] for _ in range(n)]
+
+
+def test_reshards_from_read_buckets_equal_a_walk_over_every_group():
+    from meshplan.planner._evaluate import _reads, assign
+    problem = _gpt_problem()
+    assert problem.grouping.slot_reads is not None
+    assert max(len(c) for c in problem.classes) >= 3  # the layers share classes
+    moved = 0
+    for choice in _random_choices(problem, 6):
+        a = assign(problem, choice)
+        want = []  # every group's reads, in order, that this plan moves
+        for g in problem.groups:
+            strat = problem.strategies[g.cls][choice[g.cls]]
+            for (mi, k, v, mult), lay in zip(g.slots, strat.slots):
+                if a.value_layout[v] != lay:
+                    want.append((v, lay, g.members[mi].mult if k >= 0 else mult, mult))
+        got = [r for r in _reads(problem, choice) if a.value_layout[r[0]] != r[1]]
+        assert got == want
+        moved += len(want)
+    assert moved > 0  # random layouts do move values
+
+
+def test_layout_sources_give_every_value_its_assigned_layout():
+    from meshplan.planner._evaluate import assign
+    from meshplan.planner._pipe import _layout_sources
+    problem = _gpt_problem()
+    made_by = {v: (op.id, k) for op in problem.view.ops for k, v in enumerate(op.outputs)}
+    sources = _layout_sources(problem.grouping, made_by)
+    values = sorted(problem.view.values)
+    codes = sources.codes(values)
+    assert (codes > 0).sum() > len(values) // 2
+    for choice in _random_choices(problem, 3, seed=1):
+        a = assign(problem, choice)
+        for v, code in zip(values, codes.tolist()):
+            if v in a.value_layout:
+                want = a.value_layout[v]
+            elif v in made_by and made_by[v][0] in a.op_layouts:
+                want = a.op_layouts[made_by[v][0]][1][made_by[v][1]]
+            else:
+                want = None
+            if code == 0:
+                assert want is None, v
+                continue
+            c, member, j = sources.keys[code - 1]
+            strat = problem.strategies[c][choice[c]]
+            assert (strat.produced[j] if member < 0 else strat.ops[member][1][j]) == want, v
