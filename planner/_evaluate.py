@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from meshplan.planner._layout import Comm, Layout, reshard
-from meshplan.planner._memory import Liveness, MemoryBreakdown, memory
+from meshplan.planner._memory import Liveness, MemoryBreakdown, memory, plan_visits
 from meshplan.planner._problem import Problem, on_xla_cpu, wire_bytes
 
 
@@ -154,7 +154,8 @@ def evaluate(problem: Problem, choice, live: Liveness | None, aliased: frozenset
     # layer by the pipeline model) the whole-step memory is not computed.
     mem = MemoryBreakdown(0.0, 0.0, 0.0, 0.0) if live is None else \
         memory(problem.view, live, a.value_layout, mesh_shape, aliased, a.op_layouts, scatters,
-               ynn)
+               ynn, plan_visits(problem.grouping, problem.view, live,
+                                [problem.strategies[c][x] for c, x in enumerate(choice)]))
     step = compute + sum(mult * comm.time(c.kind, c.nbytes, c.axes) for c, mult, _ in comms)
     cost = Cost(step, flops, sent, mem.peak, tuple(breakdown.items()),
                 (("argument", mem.argument), ("output", mem.output), ("temp", mem.temp),

@@ -636,7 +636,8 @@ def _sizes(view, live: Liveness, layout_of, mesh_shape) -> np.ndarray:
 def memory(view: PlanningView, live: Liveness, layout_of: dict[int, Layout], mesh_shape,
            aliased: frozenset[int] = frozenset(),
            op_layouts: dict[int, tuple[tuple[Layout, ...], tuple[Layout, ...]]] | None = None,
-           reduce_scatter: bool = False, ynn: bool = False) -> MemoryBreakdown:
+           reduce_scatter: bool = False, ynn: bool = False,
+           visit: np.ndarray | None = None) -> MemoryBreakdown:
     """Per-device memory under the chosen layouts; `aliased` results reuse donated buffers.
 
     With `op_layouts` (op id -> (input layouts, output layouts)), the buffers the plan's
@@ -645,7 +646,9 @@ def memory(view: PlanningView, live: Liveness, layout_of: dict[int, Layout], mes
     (`reduce_scatter` False, as on XLA:CPU), and each value gathered or moved to another
     layout (once per value and layout, from its first to its last reader there). With
     `ynn` (XLA:CPU), the broadcasts that YNNPACK reductions read as buffers are counted
-    too (see `_ynn_broadcasts`).
+    too (see `_ynn_broadcasts`). `visit` (from `plan_visits`, for layouts that `assign`
+    spread from class strategies): per scheduled op, whether its collectives can add a
+    buffer; the others are not looked at.
     """
     arg = sum(_bytes(view, v, layout_of[v], mesh_shape) for v in live.args)
     sizes = _sizes(view, live, layout_of, mesh_shape)
@@ -670,7 +673,7 @@ def memory(view: PlanningView, live: Liveness, layout_of: dict[int, Layout], mes
                 ex_end.append(int(live.start[i]) - 1)
     if op_layouts is not None and len(live.op_first):
         _collective_buffers(view, live, layout_of, mesh_shape, op_layouts, reduce_scatter,
-                            sizes, ex_size, ex_start, ex_end)
+                            sizes, ex_size, ex_start, ex_end, visit)
     if ynn and len(live.op_first):
         _ynn_broadcast_buffers(view, live, layout_of, mesh_shape, ex_size, ex_start, ex_end)
     temp_mask = ~is_out
@@ -789,14 +792,18 @@ def _partial_axes(op, ins) -> set[int]:
 
 
 def _collective_buffers(view, live, layout_of, mesh_shape, op_layouts, reduce_scatter,
-                        sizes, ex_size, ex_start, ex_end) -> None:
-    """Add the buffers of the plan's collectives to `sizes` and the extra lists."""
+                        sizes, ex_size, ex_start, ex_end, visit=None) -> None:
+    """Add the buffers of the plan's collectives to `sizes` and the extra lists (looking
+    only at the scheduled ops `visit` marks, when given)."""
     index = {v: i for i, v in enumerate(live.temps)}
     moved: dict[tuple[int, Layout], list] = {}
     # Lists: numpy element access from this per-op loop is several times slower.
     op_first, op_last, op_loop = (live.op_first.tolist(), live.op_last.tolist(),
                                   live.op_loop.tolist())
-    for k, op, reduces, operands in _scheduled_ops(view, live):
+    scheduled = _scheduled_ops(view, live)
+    if visit is not None:
+        scheduled = [scheduled[s] for s in np.flatnonzero(visit).tolist()]
+    for k, op, reduces, operands in scheduled:
         lays = op_layouts.get(op.id)
         if lays is None:
             continue
@@ -875,6 +882,55 @@ def _scheduled_ops(view, live: Liveness) -> list[tuple[int, object, bool, tuple]
                  tuple((i, u) for i, u in enumerate(op.inputs) if not values[u].is_const))
                 for k, op in enumerate(view.ops) if first[k] >= 0 and op.kind == "op"]
     return memo_of(view.memo, "scheduled ops", live, make)
+
+
+def plan_visits(grouping, view, live: Liveness, strategy) -> np.ndarray:
+    """Per scheduled op (`_scheduled_ops`), whether its collectives can add a buffer under
+    a plan that gives every group its class's strategy (`strategy`: class -> the chosen
+    one), as `assign` spreads it: an op that reduces a loop (a partial sum), or one that
+    reads another group's value in another layout than its producer's. An op whose
+    operands all arrive as it reads them adds nothing, and at 96 layers that is all but a
+    few thousand of ~50k."""
+    reads = memo_of(grouping.memo, "scheduled reads", live,
+                    lambda: _ScheduledReads(grouping, view, live))
+    differs = np.array([strategy[c].produced[j] != strategy[oc].ops[m][0][i]
+                        if i < len(strategy[oc].ops[m][0]) else False
+                        for (c, j), (oc, m), i in reads.keys], dtype=bool)
+    visit = reads.reduces.copy()
+    visit[reads.pair_op[differs[reads.pair_key]]] = True
+    return visit & reads.in_class
+
+
+class _ScheduledReads:
+    """The scheduled ops' reads of group-produced values, by where both layouts come from:
+    keys (producer class, produced index), (reader class, member), operand position."""
+
+    def __init__(self, grouping, view, live: Liveness):
+        produced: dict[int, tuple[int, int]] = {}  # value -> (class, produced index)
+        member: dict[int, tuple[int, int]] = {}  # op id -> (class, member)
+        for c, (values, op_ids) in enumerate(grouping.class_members):
+            g = grouping.groups[grouping.classes[c][0]]
+            for i, v in enumerate(values):  # as `assign`: a later class's layout wins
+                produced[v] = (c, i % len(g.produced))
+            for i, op_id in enumerate(op_ids):
+                member[op_id] = (c, i % len(g.members))
+        scheduled = _scheduled_ops(view, live)
+        self.reduces = np.array([r for _, _, r, _ in scheduled], dtype=bool)
+        self.in_class = np.array([op.id in member for _, op, _, _ in scheduled], dtype=bool)
+        key_of: dict[tuple, int] = {}
+        pair_op, pair_key = [], []
+        for s, (_, op, _, operands) in enumerate(scheduled):
+            reader = member.get(op.id)
+            if reader is None:
+                continue
+            for i, u in operands:
+                src = produced.get(u)
+                if src is not None:
+                    pair_op.append(s)
+                    pair_key.append(key_of.setdefault((src, reader, i), len(key_of)))
+        self.keys = list(key_of)
+        self.pair_op = np.array(pair_op, dtype=np.int64)
+        self.pair_key = np.array(pair_key, dtype=np.int64)
 
 
 def _major_gather(shape, have, want, mesh_shape) -> bool:

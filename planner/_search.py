@@ -17,7 +17,7 @@ from meshplan.planner._evaluate import Cost, assign, evaluate
 from meshplan.planner._ilp import SolveResult, refine, solve
 from meshplan.planner._memory import liveness, memory_rows, peak_times
 from meshplan.planner._mesh import CommModel, LogicalMesh, factorizations
-from meshplan.planner._ops import POp, batch_dims, build_view
+from meshplan.planner._ops import POp, batch_dims, build_view, memo_of
 from meshplan.planner._layers import find_layers
 from meshplan.planner._pipe import (PipelineChoice, Setting, _recomputed, best_pipeline,
                                     evaluate_split, layer_costs)
@@ -247,8 +247,7 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
                        one_program)
     # No limit (a pipeline stage's plan, whose memory is the split's to check): no rows,
     # and no need for the slots where the unsharded step peaks.
-    times = peak_times(live, _unsharded_sizes(graph_view, live), _PEAKS_PER_ROW_SET) \
-        if math.isfinite(limit) else []
+    times = _unsharded_peaks(graph_view, live) if math.isfinite(limit) else []
     result = None
     for _ in range(_MEMORY_ROUNDS):
         rows = memory_rows(problem, live, limit, times, aliased) if math.isfinite(limit) \
@@ -281,9 +280,12 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
     return Solved(cand, names, cost, assignment, result, problem)
 
 
-def _unsharded_sizes(view, live) -> np.ndarray:
-    """Bytes of each of the timeline's results, unsharded."""
-    return np.array([view.values[v].nbytes for v in live.temps], dtype=float)
+def _unsharded_peaks(view, live) -> list[int]:
+    """The slots where the unsharded step holds the most bytes (memoised: every mesh
+    candidate with a memory limit starts its rows there)."""
+    return memo_of(view.memo, "unsharded peaks", live, lambda: peak_times(
+        live, np.array([view.values[v].nbytes for v in live.temps], dtype=float),
+        _PEAKS_PER_ROW_SET))
 
 
 def _improve_placement(solved: Solved, view, live, cluster: Cluster, c: Constraints,

@@ -400,3 +400,30 @@ def test_layout_sources_give_every_value_its_assigned_layout():
             c, member, j = sources.keys[code - 1]
             strat = problem.strategies[c][choice[c]]
             assert (strat.produced[j] if member < 0 else strat.ops[member][1][j]) == want, v
+
+
+def test_collective_buffers_of_only_the_ops_plan_visits_marks_are_all_of_them():
+    from meshplan.planner._evaluate import assign
+    from meshplan.planner._memory import (_collective_buffers, liveness, memory,
+                                          plan_visits)
+    problem = _gpt_problem()
+    live = liveness(problem.view)
+    partial = 0
+    for choice in _random_choices(problem, 4, seed=2):
+        a = assign(problem, choice)
+        visit = plan_visits(problem.grouping, problem.view, live,
+                            [problem.strategies[c][x] for c, x in enumerate(choice)])
+        assert 0 < visit.sum() < len(visit)
+        got = []
+        for v in (visit, None):
+            sizes = np.zeros(len(live.temps))
+            extra = ([], [], [])
+            _collective_buffers(problem.view, live, a.value_layout, problem.mesh_shape,
+                                a.op_layouts, False, sizes, *extra, v)
+            got.append((sizes.tolist(), extra))
+        assert got[0] == got[1]
+        partial += sum(1 for s, e in zip(*got[0][1][1:]) if e == s + 1)
+        args = (problem.view, live, a.value_layout, problem.mesh_shape, frozenset(),
+                a.op_layouts)
+        assert memory(*args, visit=visit) == memory(*args)
+    assert partial > 0  # partial sums and moved operands both occur
