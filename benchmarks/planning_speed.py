@@ -1,8 +1,10 @@
 """Planning time of an unrolled GPT train step vs depth (the issue's target: 24 layers, hidden
 1024, under 10 s on this machine; 96 layers at most twice as long as 24).
 
-Planned for one DGX A100 node (8 x 80 GB) by default (`--cluster a100x4` or `h100x2` for
-plan_quality.py's other described clusters), from abstract arguments. Each depth runs in a fresh
+Planned for one DGX A100 node (8 x 80 GB) by default (`--cluster a100x4 h100x2`, or any of
+plan_quality.py's described clusters, one after another), from abstract arguments. On one
+node there is no stage count to search, so the planner's own time is small beside JAX's
+tracing; on several nodes it also searches pipelines. Each depth runs in a fresh
 Python process, as a user plans one model per process (a second model planned in the same
 process is measured 30-50 % slower: JAX's caches keep the first one's traces alive).
 "total" is what a user waits for in `step.plan(*args)`, split into:
@@ -10,7 +12,9 @@ process is measured 30-50 % slower: JAX's caches keep the first one's traces ali
               the user's Python runs once per unrolled layer, outside meshplan's control
               (with the collection its objects owe, see gc s)
   graph s     meshplan turning the jaxpr into its Graph (`step.trace`; JAX's trace cached)
-  plan s      the search: planning view, classes, three logical meshes' ILPs, evaluation
+  plan s      the search: planning view, classes, three logical meshes' ILPs, evaluation,
+              and the baselines (dp, fsdp, megatron) costed beside the plan, as
+              `plan()` does by default (each its own constrained ILP and evaluation)
   (ilp s)     of which HiGHS and the model around it, for the chosen mesh (varies run to
               run by up to a second at either depth: it does not depend on depth)
   meshplan s  graph + plan, the part the planner's design controls
@@ -26,7 +30,7 @@ With --repeat N each depth runs N times and the median of each column is shown; 
 take turns (24, 96, 24, 96, ...), so a slow spell of this shared machine falls on both.
 
 Run: python benchmarks/planning_speed.py [--layers 24 48 96] [--repeat 3] [--time-limit 3]
-     [--cluster a100x1|a100x4|h100x2]
+     [--cluster a100x1 a100x4 h100x2]
 """
 import argparse
 import json
@@ -40,6 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import CLUSTERS, make_cluster, timed_plan  # noqa: E402
 
 TARGET_RATIO = 2.0  # the issue's bound on the deepest / shallowest planning time
+_DESCRIBED = {"a100x1": "one DGX A100 node, 8 GPUs: intra-op plans only",
+              "a100x4": "4 DGX A100 nodes, 32 GPUs: pipelines searched too",
+              "h100x2": "2 DGX H100 nodes, 16 GPUs: pipelines searched too"}
 
 
 def one_run(layers: int, hidden: int, time_limit: float, devices: int,
@@ -54,7 +61,7 @@ def one_run(layers: int, hidden: int, time_limit: float, devices: int,
               abstract=True)
     step = mp.auto_parallel(ex.train_step, time_limit=time_limit,
                             cluster=make_cluster(cluster))
-    times = timed_plan(step, ex.args, compare_baselines=False)
+    times = timed_plan(step, ex.args)  # plan()'s defaults: baselines compared too
     plan = times.pop("result")
     if isinstance(plan, Exception):
         raise plan
@@ -73,15 +80,25 @@ def main():
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--cluster", choices=[c for c in CLUSTERS if c != "local"],
-                    default="a100x1",
-                    help="the described cluster planned for (plan_quality.py's names)")
+                    default=["a100x1"], nargs="+",
+                    help="the described cluster(s) planned for (plan_quality.py's names), "
+                         "each in turn")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # one depth, in a fresh process; the parent reads the JSON line
         print(json.dumps(one_run(args.layers[0], args.hidden, args.time_limit, args.devices,
-                                 args.cluster)))
+                                 args.cluster[0])))
         return
 
+    for cluster in args.cluster:
+        if len(args.cluster) > 1:
+            print(f"\n{cluster}: {_DESCRIBED[cluster]}")
+        one_cluster(args, cluster)
+
+
+def one_cluster(args, cluster: str) -> None:
+    """Plan each depth --repeat times on `cluster` (each in a fresh process, the depths
+    in turns) and print the medians, the ratio and the fit through the depths."""
     cols = ("jax", "graph", "plan", "ilp", "meshplan", "gc", "total")
     print(f"{'layers':>6} {'jax s':>7} {'graph s':>8} {'plan s':>7} {'(ilp s)':>7} "
           f"{'meshplan s':>10} {'gc s':>5} "
@@ -92,7 +109,7 @@ def main():
             out = subprocess.run(
                 [sys.executable, __file__, "--child", "--layers", str(layers), "--hidden",
                  str(args.hidden), "--time-limit", str(args.time_limit), "--devices",
-                 str(args.devices), "--cluster", args.cluster],
+                 str(args.devices), "--cluster", cluster],
                 capture_output=True, text=True, check=True)
             runs[layers].append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows = []

@@ -11,8 +11,9 @@ built from `jax.ShapeDtypeStruct`s, planned for DGX A100 clusters. Two sweeps:
 Each point runs in a fresh process (a user plans one model per process). Columns:
   jax s       JAX tracing the step (`jax.make_jaxpr`): the user's Python, once per layer
               (with the collection its objects owe, as below)
-  meshplan s  meshplan's graph, search and pipeline DP (the cyclic collector paused, as
-              meshplan runs them)
+  meshplan s  meshplan's graph, search and pipeline DP, and the baselines (dp, fsdp,
+              megatron) costed beside the plan as `plan()` does by default (the cyclic
+              collector paused, as meshplan runs them)
   gc s        the collection meshplan's objects owe once it returns: CPython's first
               automatic collection after the pause scans every object made meanwhile
   total s     what `step.plan(*args)` costs a user: the three together
@@ -55,7 +56,7 @@ def one(variant: str, layers: int, nodes: int, time_limit: float) -> dict:
         print(f"    [{variant} {layers}L {8 * nodes} GPUs, {seconds:5.1f} s] {msg}",
               file=sys.stderr, flush=True)
 
-    times = timed_plan(step, ex.args, progress, compare_baselines=False)
+    times = timed_plan(step, ex.args, progress)  # plan()'s defaults: baselines too
     plan = times.pop("result")
     times = {k: times[k] for k in ("jax", "meshplan", "gc", "total")}
     if isinstance(plan, MemoryError):
