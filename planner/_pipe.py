@@ -840,19 +840,16 @@ def split(c, s: Setting, limit):
     fastest = np.min(np.stack(times), axis=0)
     lo = max(float(fastest.sum()) / pieces, float(fastest.max()))
     hi = max(tm[-1] for tm in tms)
-    best, slowest = greedy(hi)
+    best = greedy(hi)
     if best is None:
         return None
-    hi = min(hi, slowest)
     for _ in range(30):  # bisect the bound on the slowest piece
         mid = (lo + hi) / 2
-        got, need = greedy(mid)
-        # Both ends move to where the fill changes: a failed bound fails up to the time
-        # the fill needs to change, a split found holds at its own slowest piece.
+        got = greedy(mid)
         if got is None:
-            lo = max(mid, need / _SLACK)
+            lo = mid
         else:
-            hi, best = min(mid, need), got
+            hi, best = mid, got
         if hi - lo <= 1e-6 * hi:
             break
     if s.v > 1 and best is not None:
@@ -870,44 +867,35 @@ def split(c, s: Setting, limit):
     return best
 
 
-_SLACK = 1 + 1e-9  # a piece may take its bound this much over: rounding of running sums
-
-
 def _greedy(tms, mems, pieces, bound, rooms):
     """Fill pieces left to right, each as long as time <= bound and each of its memory
     tables (cumulative, one per phase) <= its room allow, leaving a layer for each later
-    piece. Returns (the pieces, the time of the slowest), or (None, the least time for
-    which the fill changes) if the last piece overflows: every bound below that fails too,
-    as each piece filled up to the time bound would stop at the same layer."""
+    piece; None if the last piece overflows."""
     n = len(tms[0]) - 1
     out = []
     first = 0
-    slowest, change = 0.0, math.inf
-    cap = bound * _SLACK
     for k in range(pieces):
         end = n - (pieces - k - 1)
+        if first >= end:
+            return None
         tm = tms[k]
         phases = list(zip(mems[k], rooms[k]))
         if k == pieces - 1:
             last = n
-            if tm[n] - tm[first] > cap:
-                return None, min(change, tm[n] - tm[first])
-            if any(mem[n] - mem[first] > room for mem, room in phases):
-                return None, change
+            if tm[n] - tm[first] > bound * (1 + 1e-9) or any(
+                    mem[n] - mem[first] > room for mem, room in phases):
+                return None
         else:
-            by_time = last = bisect.bisect_right(tm, tm[first] + cap, first + 1, end + 1) - 1
+            last = bisect.bisect_right(tm, tm[first] + bound * (1 + 1e-9), first + 1,
+                                       end + 1) - 1
             for mem, room in phases:
                 last = min(last, bisect.bisect_right(mem, mem[first] + room, first + 1,
                                                      end + 1) - 1)
             if last <= first:
-                return None, (min(change, tm[first + 1] - tm[first]) if by_time <= first
-                              else change)
-            if last == by_time < end:  # the time bound stopped it: one more layer's time
-                change = min(change, tm[last + 1] - tm[first])
-        slowest = max(slowest, tm[last] - tm[first])
+                return None
         out.append((first, last))
         first = last
-    return out, slowest
+    return out
 
 
 def evaluate_split(c, s: Setting, pieces, hop) -> PipelineChoice:
