@@ -906,14 +906,7 @@ class _ScheduledReads:
     keys (producer class, produced index), (reader class, member), operand position."""
 
     def __init__(self, grouping, view, live: Liveness):
-        produced: dict[int, tuple[int, int]] = {}  # value -> (class, produced index)
-        member: dict[int, tuple[int, int]] = {}  # op id -> (class, member)
-        for c, (values, op_ids) in enumerate(grouping.class_members):
-            g = grouping.groups[grouping.classes[c][0]]
-            for i, v in enumerate(values):  # as `assign`: a later class's layout wins
-                produced[v] = (c, i % len(g.produced))
-            for i, op_id in enumerate(op_ids):
-                member[op_id] = (c, i % len(g.members))
+        produced, member = grouping.strategy_positions
         scheduled = _scheduled_ops(view, live)
         self.reduces = np.array([r for _, _, r, _ in scheduled], dtype=bool)
         self.in_class = np.array([op.id in member for _, op, _, _ in scheduled], dtype=bool)

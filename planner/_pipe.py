@@ -377,14 +377,9 @@ class _LayoutSources:
                 key_code[key] = len(self.keys)
             return key_code[key]
 
-        op_source: dict[int, tuple[int, int]] = {}  # op id -> (class, member)
-        for c, (values, op_ids) in enumerate(grouping.class_members):
-            g = grouping.groups[grouping.classes[c][0]]
-            per_group, members = len(g.produced), len(g.members)
-            for i, v in enumerate(values):  # as `assign`: a later class's layout wins
-                self._code[v] = code((c, -1, i % per_group))
-            for i, op_id in enumerate(op_ids):
-                op_source[op_id] = (c, i % members)
+        produced, op_source = grouping.strategy_positions
+        for v, (c, j) in produced.items():
+            self._code[v] = code((c, -1, j))
         for v, (op_id, k) in made_by.items():  # a result inside a group
             if v not in self._code and op_id in op_source:
                 self._code[v] = code(op_source[op_id] + (k,))

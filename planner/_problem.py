@@ -127,6 +127,22 @@ class Grouping:
         return reads
 
     @functools.cached_property
+    def strategy_positions(self) -> tuple[dict[int, tuple[int, int]],
+                                          dict[int, tuple[int, int]]]:
+        """Where `assign` takes each layout from in a class's strategy: value -> (class,
+        index in its `produced`), op id -> (class, index in its `ops`); as there, a later
+        class's entry wins."""
+        produced: dict[int, tuple[int, int]] = {}
+        member: dict[int, tuple[int, int]] = {}
+        for c, (values, op_ids) in enumerate(self.class_members):
+            g = self.groups[self.classes[c][0]]
+            for i, v in enumerate(values):
+                produced[v] = (c, i % len(g.produced))
+            for i, op_id in enumerate(op_ids):
+                member[op_id] = (c, i % len(g.members))
+        return produced, member
+
+    @functools.cached_property
     def class_members(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         """Per class: the values its groups produce and their ops' ids, group after group
         (each group of a class lists them in the same order as its strategies do)."""
