@@ -1085,10 +1085,6 @@ def memory_rows(problem, live: Liveness, limit: float, times: list[int],
     takes.
     """
     mesh_shape = problem.mesh_shape
-    where: dict[int, tuple[int, int]] = {}
-    for g in problem.groups:
-        for pi, v in enumerate(g.produced):
-            where[v] = (g.cls, pi)
     # Per (class, produced index): 1 / shards under each strategy. A value's bytes per
     # device are its size times that, so a row sums sizes per (class, index) first and
     # multiplies once: linear in live values, not in values x strategies.
@@ -1097,29 +1093,43 @@ def memory_rows(problem, live: Liveness, limit: float, times: list[int],
         for pi in range(len(strats[0].produced) if strats else 0):
             inverse[c, pi] = np.array([1.0 / shards(st.produced[pi], mesh_shape)
                                        for st in strats])
-    values = problem.view.values
     rows = []
     for t in times:
-        total: dict[tuple[int, int], float] = {}
-
-        def add(v: int, laid_out_as: int):
-            key = where.get(laid_out_as)
-            if key is not None:
-                total[key] = total.get(key, 0.0) + float(values[v].nbytes)
-
-        for v in live.args:
-            add(v, v)
-        for i in live.live_at(t):
-            v = live.temps[i]
-            if len(live.is_out) and live.is_out[i]:
-                if v in aliased:
-                    continue
-                p = int(live.pin[i])
-                add(v, p if p >= 0 and p in where else v)
-            else:
-                add(v, v)
+        total = _row_bytes(problem.grouping, problem.view, live, t, aliased)
         coef = [np.zeros(len(st)) for st in problem.strategies]
         for (c, pi), b in total.items():
             coef[c] += b * inverse[c, pi]
         rows.append(MemoryRow(tuple(coef), 0.0, limit))
     return tuple(rows)
+
+
+def _row_bytes(grouping, view, live: Liveness, t: int,
+               aliased: frozenset[int]) -> dict[tuple[int, int], float]:
+    """Bytes a memory row at slot `t` sums per (class, produced index) whose layout they
+    take. It does not depend on the mesh, so every candidate mesh with rows at `t` shares
+    it (memoised on the grouping: a pass over the values live then, ~10k at 96 layers)."""
+    per_live = memo_of(grouping.memo, "row bytes", live, dict)
+    if (t, aliased) in per_live:
+        return per_live[t, aliased]
+    where = grouping.produced_where
+    values = view.values
+    total: dict[tuple[int, int], float] = {}
+
+    def add(v: int, laid_out_as: int):
+        key = where.get(laid_out_as)
+        if key is not None:
+            total[key] = total.get(key, 0.0) + float(values[v].nbytes)
+
+    for v in live.args:
+        add(v, v)
+    for i in live.live_at(t):
+        v = live.temps[i]
+        if len(live.is_out) and live.is_out[i]:
+            if v in aliased:
+                continue
+            p = int(live.pin[i])
+            add(v, p if p >= 0 and p in where else v)
+        else:
+            add(v, v)
+    per_live[t, aliased] = total
+    return total

@@ -127,6 +127,12 @@ class Grouping:
         return reads
 
     @functools.cached_property
+    def produced_where(self) -> dict[int, tuple[int, int]]:
+        """Value -> (class of the group producing it, index in its `produced`); where two
+        groups produce a value, the later group's entry."""
+        return {v: (g.cls, pi) for g in self.groups for pi, v in enumerate(g.produced)}
+
+    @functools.cached_property
     def strategy_positions(self) -> tuple[dict[int, tuple[int, int]],
                                           dict[int, tuple[int, int]]]:
         """Where `assign` takes each layout from in a class's strategy: value -> (class,

@@ -427,3 +427,33 @@ def test_collective_buffers_of_only_the_ops_plan_visits_marks_are_all_of_them():
                 a.op_layouts)
         assert memory(*args, visit=visit) == memory(*args)
     assert partial > 0  # partial sums and moved operands both occur
+
+
+def test_memory_rows_on_a_shared_grouping_equal_rows_built_afresh():
+    """memory_rows keeps the bytes per slot on the grouping, for every mesh that shares
+    it: rows on another mesh, and with donated buffers, equal rows from a new grouping."""
+    from meshplan.planner._memory import liveness, memory_rows, peak_times
+    from meshplan.planner._problem import group_view
+    first = _gpt_problem()
+    view, cluster = first.view, mp.clusters.dgx_a100(nodes=1)
+    live = liveness(view)
+    times = peak_times(live, np.array([view.values[v].nbytes for v in live.temps], float), 3)
+    aliased = frozenset(live.temps[i] for t in times for i in live.live_at(t)
+                        if live.is_out[i])
+    assert aliased
+
+    def rows(grouping, shape, donated):
+        mesh = LogicalMesh(shape, tuple(range(8)))
+        problem = build_problem(view, CommModel(cluster, mesh), cluster.devices[0],
+                                Efficiency(), grouping=grouping)
+        return [r.coef for r in memory_rows(problem, live, 1e12, times, donated)]
+
+    def same(a, b):
+        return len(a) == len(b) and all(len(ra) == len(rb) and all(
+            np.array_equal(x, y) for x, y in zip(ra, rb)) for ra, rb in zip(a, b))
+
+    before = rows(first.grouping, (2, 4), frozenset())  # fills the grouping's memo
+    for shape, donated in [((4, 2), frozenset()), ((4, 2), aliased), ((8,), aliased)]:
+        shared = rows(first.grouping, shape, donated)
+        assert same(shared, rows(group_view(view, True), shape, donated))
+        assert not same(shared, before)  # the mesh or the donation changes the rows
