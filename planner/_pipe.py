@@ -11,10 +11,12 @@ weights, optimizer state, gradients and saved activations. From those tables:
   which overstates tiny microbatches slightly).
 * The stage split minimises the slowest stage (all stages have equal submeshes, so the
   sum of stage times is fixed and ``sum + (m - 1) * max`` is smallest when ``max`` is),
-  under each stage's memory limit: a greedy fill for a bound, bounds bisected over the
-  candidate stage times. The greedy split is optimal for contiguous ranges because a
-  stage's memory grows with its layers and shrinks with its position (1F1B's later stages
-  hold fewer microbatches).
+  under each stage's memory limit: whether a bound on the slowest stage fits is decided
+  exactly, and bounds are bisected. A greedy fill (each stage as many layers as fit)
+  decides it while every stage can hold its first layer; where one cannot (stages that
+  differ in speed or room, and room depends on position too: 1F1B's later stages hold
+  fewer microbatches) the set of reachable cuts is carried stage by stage. Interleaved
+  chunks are filled by time, and each device's memory is checked on the split found.
 * Memory of stage i: weights + optimizer state of its layers, plus the larger of two
   phases. While microbatches run: its saved activations for ``in_flight(i)`` microbatches
   at its first backward pass, or for ``in_flight_with_gradients(i)`` beside the gradient
@@ -827,8 +829,15 @@ def split(c, s: Setting, limit):
     mems = [[m for m, _ in per_stage[k % s.p]] for k in range(pieces)]
     rooms = [[r for _, r in per_stage[k % s.p]] for k in range(pieces)]
 
+    exact = _ExactFill(tms, mems, rooms)
+
     def greedy(bound):
-        return _greedy(tms, mems, pieces, bound, rooms)
+        got, stuck = _greedy(tms, mems, pieces, bound, rooms)
+        # Stuck: a piece's first layer alone overflows its stage, where an earlier cut
+        # might have worked; the exact search over cuts answers then. Not for interleaved
+        # chunks, whose memory is checked after the bisection, on the split it ends
+        # with: a split with a lower bound there can hold more on some device.
+        return exact(bound) if stuck and s.v == 1 else got
 
     # The slowest piece takes at least an even share of the fastest stage's total, and at
     # least any one layer on the stage that runs it fastest.
@@ -865,21 +874,29 @@ def split(c, s: Setting, limit):
 def _greedy(tms, mems, pieces, bound, rooms):
     """Fill pieces left to right, each as long as time <= bound and each of its memory
     tables (cumulative, one per phase) <= its room allow, leaving a layer for each later
-    piece; None if the last piece overflows."""
+    piece. Returns (pieces or None, stuck).
+
+    Each piece ends at the furthest cut any split can reach (the furthest cut from a
+    start never moves back as the start moves on), so a last piece that overflows from
+    there overflows from every start: None, not stuck. Stuck: a piece cannot hold even
+    its first layer, where earlier cuts may still have worked (stages that differ in
+    speed, or in room: a stage's in-flight activations depend on its position), so the
+    caller asks `_ExactFill`; unless no later piece could hold that layer either.
+    """
     n = len(tms[0]) - 1
     out = []
     first = 0
     for k in range(pieces):
         end = n - (pieces - k - 1)
         if first >= end:
-            return None
+            return None, False
         tm = tms[k]
         phases = list(zip(mems[k], rooms[k]))
         if k == pieces - 1:
             last = n
             if tm[n] - tm[first] > bound * (1 + 1e-9) or any(
                     mem[n] - mem[first] > room for mem, room in phases):
-                return None
+                return None, False
         else:
             last = bisect.bisect_right(tm, tm[first] + bound * (1 + 1e-9), first + 1,
                                        end + 1) - 1
@@ -887,10 +904,76 @@ def _greedy(tms, mems, pieces, bound, rooms):
                 last = min(last, bisect.bisect_right(mem, mem[first] + room, first + 1,
                                                      end + 1) - 1)
             if last <= first:
-                return None
+                return None, _another_stage_holds(tms, mems, rooms, k, first, bound)
         out.append((first, last))
         first = last
-    return out
+    return out, False
+
+
+def _another_stage_holds(tms, mems, rooms, k: int, g: int, bound: float) -> bool:
+    """Whether some piece after k could hold layer g alone, where piece k cannot: a
+    split's first k pieces end at or before g (the furthest cut they can reach), so
+    layer g lies in piece k or later, and piece k cannot hold it (a piece holding it
+    holds [g, g + 1) too). Piece j holds it only if the j pieces before it and the ones
+    after it each keep a layer. If none can, no split fits this bound."""
+    pieces, n = len(tms), len(tms[0]) - 1
+    for j in range(max(k + 1, pieces - (n - g)), min(g, pieces - 1) + 1):
+        tm = tms[j]
+        if tm[g + 1] - tm[g] <= bound * (1 + 1e-9) and all(
+                mem[g + 1] - mem[g] <= room for mem, room in zip(mems[j], rooms[j])):
+            return True
+    return False
+
+
+class _ExactFill:
+    """`_greedy`'s question answered exactly: the cuts each piece can end at form a set,
+    carried piece by piece (cut b is reachable if a reachable start a < b of the piece
+    reaches b or further); the pieces are then read back from the end, each starting as
+    late as it can. None if no split fits. How far each start reaches within the memory
+    rooms does not depend on the bound: it is found once per `split`, on first use."""
+
+    def __init__(self, tms, mems, rooms):
+        self.tms, self.mems, self.rooms = tms, mems, rooms
+        self.n = len(tms[0]) - 1
+        self.pos = np.arange(self.n + 1)
+        self._room_far = None
+
+    def _reach_in_room(self) -> list[np.ndarray]:
+        """Per piece: the furthest cut from each start that every memory table allows,
+        leaving a layer for each later piece."""
+        if self._room_far is None:
+            pieces, self._room_far = len(self.tms), []
+            for k in range(pieces):
+                far = np.full(self.n + 1, self.n - (pieces - k - 1))
+                for mem, room in zip(self.mems[k], self.rooms[k]):
+                    mem = np.asarray(mem)
+                    far = np.minimum(far, np.searchsorted(mem, mem + room, "right") - 1)
+                self._room_far.append(far)
+        return self._room_far
+
+    def __call__(self, bound: float):
+        n, pos = self.n, self.pos
+        in_time: dict[int, np.ndarray] = {}  # pieces on one stage share its time table
+        can_start = pos == 0
+        furthest = []  # per piece: the furthest cut from each start it can take, else -1
+        for k, (tm, room_far) in enumerate(zip(self.tms, self._reach_in_room())):
+            if id(tm) not in in_time:
+                t = np.asarray(tm)
+                in_time[id(tm)] = np.searchsorted(t, t + bound * (1 + 1e-9), "right") - 1
+            far = np.minimum(in_time[id(tm)], room_far)
+            if k == len(self.tms) - 1:
+                far = np.where(far == n, n, -1)  # the last piece runs to the end
+            far = np.where(can_start & (far > pos), far, -1)
+            furthest.append(far)
+            can_start = np.maximum.accumulate(np.concatenate([[-1], far[:-1]])) >= pos
+        if not can_start[n]:
+            return None
+        out, b = [], n
+        for far in reversed(furthest):
+            a = int(np.flatnonzero((far >= b) & (pos < b))[-1])
+            out.append((a, b))
+            b = a
+        return out[::-1]
 
 
 def evaluate_split(c, s: Setting, pieces, hop) -> PipelineChoice:

@@ -571,3 +571,44 @@ def test_a_scan_saves_exactly_the_residuals_jax_stacks_for_its_backward(name):
     ys = forward.outvars[forward.params["num_carry"]:]
     jax_bytes = sum(v.aval.size * v.aval.dtype.itemsize for v in ys if id(v) in read_back)
     assert len(ys) > 20 and planned == pytest.approx(jax_bytes, rel=1e-9)
+
+
+def test_split_on_unlike_stages_equals_brute_force():
+    """Stages on unlike devices (each its own layer times and memory room): the split
+    is the memory-feasible one with the fastest slowest stage, as enumeration finds. A
+    fill from the left can get stuck where one layer does not fit the next stage, though
+    another cut before it would have worked."""
+    rng = np.random.default_rng(3)
+    for trial in range(160):
+        base = _uniform(int(rng.integers(2, 6)))
+        n = base.num_layers
+        p = int(rng.integers(2, 5))
+        schedule, m = ("gpipe", 4) if trial % 3 == 2 else ("1f1b", (4, 2)[trial % 3])
+        s = Setting(p, m, schedule, 1, "none", 0)
+        stages = []
+        for _ in range(p):
+            t = rng.uniform(0.2, 3.0, n) * rng.uniform(0.5, 2.0)  # this device's speed
+            stages.append(dataclasses.replace(base, forward=t, backward=2 * t,
+                                              weights=rng.uniform(1.0, 10.0, n) / 2,
+                                              rebuilt=rng.uniform(0.0, 8.0, n)))
+        limits = [float(x) for x in rng.uniform(15, 60, p)]
+
+        def feasible(pieces):
+            got = evaluate_split(stages, s, pieces, lambda b: 0.0)
+            ok = all(mem <= lim * (1 + 1e-9) for mem, lim in zip(got.stage_memory, limits))
+            return got if ok else None
+
+        best = None
+        for cuts in itertools.combinations(range(1, n), p - 1):
+            bounds = (0,) + cuts + (n,)
+            got = feasible(list(zip(bounds, bounds[1:])))
+            if got is not None and (best is None or max(got.stage_time) < best - 1e-12):
+                best = max(got.stage_time)
+        pieces = split(stages, s, limits)
+        if best is None:
+            assert pieces is None, trial
+        else:
+            assert pieces is not None, trial
+            got = feasible(pieces)
+            assert got is not None and max(got.stage_time) == pytest.approx(best, rel=1e-5), \
+                (trial, max(got.stage_time), best)
