@@ -847,7 +847,10 @@ def split(c, s: Setting, limit):
     best = greedy(hi)
     if best is None:
         return None
-    for _ in range(30):  # bisect the bound on the slowest piece
+    # Bisect the bound on the slowest piece down to 1e-6 of it. A fixed 30 halvings
+    # stopped short where a slow stage's total (hi) is ~1000x the answer; 100 reach
+    # 1e-6 from any start under 2^80 times it, and end when lo stays 0.
+    for _ in range(100):
         mid = (lo + hi) / 2
         got = greedy(mid)
         if got is None:
@@ -874,7 +877,9 @@ def split(c, s: Setting, limit):
 def _greedy(tms, mems, pieces, bound, rooms):
     """Fill pieces left to right, each as long as time <= bound and each of its memory
     tables (cumulative, one per phase) <= its room allow, leaving a layer for each later
-    piece. Returns (pieces or None, stuck).
+    piece. Returns (pieces or None, stuck). A piece [a, b) fits when each table's value at
+    b is at most its value at a plus the allowance, in that one form everywhere (the
+    bisects', `_another_stage_holds`' and `_ExactFill`'s), so that they agree to the bit.
 
     Each piece ends at the furthest cut any split can reach (the furthest cut from a
     start never moves back as the start moves on), so a last piece that overflows from
@@ -894,8 +899,8 @@ def _greedy(tms, mems, pieces, bound, rooms):
         phases = list(zip(mems[k], rooms[k]))
         if k == pieces - 1:
             last = n
-            if tm[n] - tm[first] > bound * (1 + 1e-9) or any(
-                    mem[n] - mem[first] > room for mem, room in phases):
+            if tm[n] > tm[first] + bound * (1 + 1e-9) or any(
+                    mem[n] > mem[first] + room for mem, room in phases):
                 return None, False
         else:
             last = bisect.bisect_right(tm, tm[first] + bound * (1 + 1e-9), first + 1,
@@ -919,8 +924,8 @@ def _another_stage_holds(tms, mems, rooms, k: int, g: int, bound: float) -> bool
     pieces, n = len(tms), len(tms[0]) - 1
     for j in range(max(k + 1, pieces - (n - g)), min(g, pieces - 1) + 1):
         tm = tms[j]
-        if tm[g + 1] - tm[g] <= bound * (1 + 1e-9) and all(
-                mem[g + 1] - mem[g] <= room for mem, room in zip(mems[j], rooms[j])):
+        if tm[g + 1] <= tm[g] + bound * (1 + 1e-9) and all(
+                mem[g + 1] <= mem[g] + room for mem, room in zip(mems[j], rooms[j])):
             return True
     return False
 

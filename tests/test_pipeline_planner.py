@@ -612,3 +612,32 @@ def test_split_on_unlike_stages_equals_brute_force():
             got = feasible(pieces)
             assert got is not None and max(got.stage_time) == pytest.approx(best, rel=1e-5), \
                 (trial, max(got.stage_time), best)
+
+
+def test_a_very_slow_stage_does_not_stop_the_bisection_short():
+    """The bisection starts at the slowest stage's whole total; it runs to 1e-6 of the
+    answer however far above that start is (30 halvings from 1e9 stopped at 4.0)."""
+    base = _uniform(3)  # 5 layers
+
+    def stage(times):
+        t = np.array(times, dtype=float)
+        return dataclasses.replace(base, forward=t / 3, backward=2 * t / 3)
+
+    fast, slow = stage([1, 1, 1, 1e-5, 0]), stage([1e9, 1e9, 1e9, 1, 1.0002])
+    s = Setting(2, 1, "1f1b", 1, "none", 0)
+    pieces = split([fast, slow], s, math.inf)
+    assert pieces == [(0, 3), (3, 5)]
+    got = evaluate_split([fast, slow], s, pieces, lambda b: 0.0)
+    assert max(got.stage_time) == pytest.approx(3.0, rel=1e-6)
+
+
+def test_a_fill_stuck_on_alike_stages_under_1f1b_finds_the_split():
+    """Alike stages differ in room: under 1F1B stage i holds p - i microbatches. The fill
+    gives stage 0 two layers, and then stage 1 cannot hold layer 2's activations; giving
+    stage 0 one layer lets layer 2 go to stage 2, which holds one microbatch."""
+    z = np.zeros(4)
+    c = dataclasses.replace(_uniform(2), weights=z, inputs=z, saved=np.array([0, 0, 30.0, 0]))
+    s = Setting(3, 3, "1f1b", 1, "none", 0)
+    pieces = split(c, s, 10.5)
+    assert pieces == [(0, 1), (1, 2), (2, 4)]
+    assert max(evaluate_split(c, s, pieces, lambda b: 0.0).stage_memory) <= 10.5
