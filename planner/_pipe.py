@@ -761,7 +761,9 @@ class _Cumulative:
         self.time = cum(t.f + t.b).tolist()
         self.state, self.grads, self.act = cum(t.state), cum(t.grads), cum(t.act)
         self.update, self.fresh = cum(t.update), cum(t.fresh)
-        self.work = float(t.work.max()) if len(t.work) else 0.0
+        # Per layer, with the next layer whose working set is larger: a piece holds its
+        # layers' largest (one at a time), which is its first's up to that layer.
+        self.work = (t.work.tolist(), _next_larger(t.work.tolist()))
         self._memory: dict = {}
 
     def memory(self, phase: str, in_flight: int = 0) -> list:
@@ -812,27 +814,27 @@ def split(c, s: Setting, limit):
     later_d = [u.memory("later", later[d]) for d, u in enumerate(sums)]
     upd_d = [u.memory("update") for u in sums]
     tms = [tm_d[k % s.p] for k in range(pieces)]
-    # One working set per stage: bound it by the largest (a layer's ops run one at a time).
-    works = [u.work for u in sums]
+    work_d = [u.work for u in sums]
 
     def phases(d: int) -> list:
-        """Stage d's memory tables (`_stage_peak`) with their rooms: the later backward
-        passes (beside the gradient sums), the first one where it holds more microbatches
+        """Stage d's memory tables (`_stage_peak`), each with its room and the per-layer
+        working sets a piece adds the largest of (None: none): the later backward passes
+        (beside the gradient sums), the first one where it holds more microbatches
         (GPipe; no more microbatches than stages), and the update."""
-        room = limits[d] - works[d]
-        first = [(first_d[d], room)] if later[d] < flight[d] else []
-        return [(later_d[d], room)] + first + [(upd_d[d], limits[d])]
+        first = [(first_d[d], limits[d], work_d[d])] if later[d] < flight[d] else []
+        return [(later_d[d], limits[d], work_d[d])] + first + [(upd_d[d], limits[d], None)]
 
     # A device of the interleaved schedule holds v chunks from all over the model: the
     # greedy fill balances time only, and each device's total is checked below.
     per_stage = [phases(d) if s.v == 1 else [] for d in range(s.p)]
-    mems = [[m for m, _ in per_stage[k % s.p]] for k in range(pieces)]
-    rooms = [[r for _, r in per_stage[k % s.p]] for k in range(pieces)]
+    mems = [[m for m, _, _ in per_stage[k % s.p]] for k in range(pieces)]
+    rooms = [[r for _, r, _ in per_stage[k % s.p]] for k in range(pieces)]
+    works = [[w for _, _, w in per_stage[k % s.p]] for k in range(pieces)]
 
-    exact = _ExactFill(tms, mems, rooms)
+    exact = _ExactFill(tms, mems, rooms, works)
 
     def greedy(bound):
-        got, stuck = _greedy(tms, mems, pieces, bound, rooms)
+        got, stuck = _greedy(tms, mems, pieces, bound, rooms, works)
         # Stuck: a piece's first layer alone overflows its stage, where an earlier cut
         # might have worked; the exact search over cuts answers then. Not for interleaved
         # chunks, whose memory is checked after the bisection, on the split it ends
@@ -860,26 +862,28 @@ def split(c, s: Setting, limit):
         if hi - lo <= 1e-6 * hi:
             break
     if s.v > 1 and best is not None:
-        state, grads, acts, fresh, updates = ([0.0] * s.p for _ in range(5))
+        state, grads, acts, fresh, updates, work = ([0.0] * s.p for _ in range(6))
         for k, (a, b) in enumerate(best):
             d = k % s.p
+            work[d] = max(work[d], max(work_d[d][0][a:b]))
             state[d] += sms[d][b] - sms[d][a]
             grads[d] += gms[d][b] - gms[d][a]
             acts[d] += ams[d][b] - ams[d][a]
             fresh[d] = max(fresh[d], fms[d][b] - fms[d][a])  # one chunk's program at a time
             updates[d] += ums[d][b] - ums[d][a]
         if any(_stage_peak(state[d], grads[d], flight[d] * acts[d], later[d] * acts[d],
-                           fresh[d], works[d], updates[d]) > limits[d] for d in range(s.p)):
+                           fresh[d], work[d], updates[d]) > limits[d] for d in range(s.p)):
             return None
     return best
 
 
-def _greedy(tms, mems, pieces, bound, rooms):
+def _greedy(tms, mems, pieces, bound, rooms, works):
     """Fill pieces left to right, each as long as time <= bound and each of its memory
-    tables (cumulative, one per phase) <= its room allow, leaving a layer for each later
-    piece. Returns (pieces or None, stuck). A piece [a, b) fits when each table's value at
-    b is at most its value at a plus the allowance, in that one form everywhere (the
-    bisects', `_another_stage_holds`' and `_ExactFill`'s), so that they agree to the bit.
+    tables (cumulative, one per phase) plus the largest of its layers' working sets
+    (`works`: per layer, or None) <= its room allow, leaving a layer for each later piece.
+    Returns (pieces or None, stuck). A piece [a, b) fits when each table's value at b is
+    at most its value at a plus the allowance, in that one form everywhere (`_reach`'s,
+    `_another_stage_holds`' and `_ExactFill`'s), so that they agree to the bit.
 
     Each piece ends at the furthest cut any split can reach (the furthest cut from a
     start never moves back as the start moves on), so a last piece that overflows from
@@ -896,26 +900,59 @@ def _greedy(tms, mems, pieces, bound, rooms):
         if first >= end:
             return None, False
         tm = tms[k]
-        phases = list(zip(mems[k], rooms[k]))
+        phases = list(zip(mems[k], rooms[k], works[k]))
         if k == pieces - 1:
             last = n
             if tm[n] > tm[first] + bound * (1 + 1e-9) or any(
-                    mem[n] > mem[first] + room for mem, room in phases):
+                    mem[n] > mem[first] + (room - (max(work[0][first:]) if work else 0.0))
+                    for mem, room, work in phases):
                 return None, False
         else:
             last = bisect.bisect_right(tm, tm[first] + bound * (1 + 1e-9), first + 1,
                                        end + 1) - 1
-            for mem, room in phases:
-                last = min(last, bisect.bisect_right(mem, mem[first] + room, first + 1,
-                                                     end + 1) - 1)
+            for mem, room, work in phases:
+                last = min(last, _reach(mem, room, work, first, end))
             if last <= first:
-                return None, _another_stage_holds(tms, mems, rooms, k, first, bound)
+                return None, _another_stage_holds(tms, mems, rooms, works, k, first, bound)
         out.append((first, last))
         first = last
     return out, False
 
 
-def _another_stage_holds(tms, mems, rooms, k: int, g: int, bound: float) -> bool:
+def _next_larger(work: list) -> list:
+    """Per layer, the next layer whose working set is larger (len(work) if none)."""
+    out, stack = [len(work)] * len(work), []
+    for i, w in enumerate(work):
+        while stack and work[stack[-1]] < w:
+            out[stack.pop()] = i
+        stack.append(i)
+    return out
+
+
+def _reach(mem, room: float, work, a: int, end: int) -> int:
+    """The furthest cut b <= end from start a with mem[b] <= mem[a] + (room - the largest
+    of the working sets work[0][a:b]) (work None: none); a if not even a + 1.
+
+    Up to the next larger one (work[1]), the largest is the start's; then that layer's,
+    and so on. The left side only grows with b, so the first stretch that stops short
+    of its end holds the answer."""
+    if work is None:
+        return bisect.bisect_right(mem, mem[a] + room, a + 1, end + 1) - 1
+    values, next_larger = work
+    best, r = a, a
+    while r < end:
+        top = min(next_larger[r], end)  # cuts (r, top] hold work[0][r] as their largest
+        b = bisect.bisect_right(mem, mem[a] + (room - values[r]), r + 1, top + 1) - 1
+        if b <= r:
+            return best
+        best = b
+        if b < top:
+            return best
+        r = top
+    return best
+
+
+def _another_stage_holds(tms, mems, rooms, works, k: int, g: int, bound: float) -> bool:
     """Whether some piece after k could hold layer g alone, where piece k cannot: a
     split's first k pieces end at or before g (the furthest cut they can reach), so
     layer g lies in piece k or later, and piece k cannot hold it (a piece holding it
@@ -925,7 +962,8 @@ def _another_stage_holds(tms, mems, rooms, k: int, g: int, bound: float) -> bool
     for j in range(max(k + 1, pieces - (n - g)), min(g, pieces - 1) + 1):
         tm = tms[j]
         if tm[g + 1] <= tm[g] + bound * (1 + 1e-9) and all(
-                mem[g + 1] <= mem[g] + room for mem, room in zip(mems[j], rooms[j])):
+                mem[g + 1] <= mem[g] + (room - (work[0][g] if work else 0.0))
+                for mem, room, work in zip(mems[j], rooms[j], works[j])):
             return True
     return False
 
@@ -937,8 +975,8 @@ class _ExactFill:
     late as it can. None if no split fits. How far each start reaches within the memory
     rooms does not depend on the bound: it is found once per `split`, on first use."""
 
-    def __init__(self, tms, mems, rooms):
-        self.tms, self.mems, self.rooms = tms, mems, rooms
+    def __init__(self, tms, mems, rooms, works):
+        self.tms, self.mems, self.rooms, self.works = tms, mems, rooms, works
         self.n = len(tms[0]) - 1
         self.pos = np.arange(self.n + 1)
         self._room_far = None
@@ -949,12 +987,19 @@ class _ExactFill:
         if self._room_far is None:
             pieces, self._room_far = len(self.tms), []
             for k in range(pieces):
-                far = np.full(self.n + 1, self.n - (pieces - k - 1))
-                for mem, room in zip(self.mems[k], self.rooms[k]):
-                    mem = np.asarray(mem)
-                    far = np.minimum(far, np.searchsorted(mem, mem + room, "right") - 1)
+                end = self.n - (pieces - k - 1)
+                far = np.full(self.n + 1, end)
+                for mem, room, work in zip(self.mems[k], self.rooms[k], self.works[k]):
+                    far = np.minimum(far, self._reach_all(mem, room, work, end))
                 self._room_far.append(far)
         return self._room_far
+
+    def _reach_all(self, mem, room: float, work, end: int) -> np.ndarray:
+        """`_reach` from every start."""
+        if work is None:
+            mem = np.asarray(mem)
+            return np.searchsorted(mem, mem + room, "right") - 1
+        return np.array([_reach(mem, room, work, a, end) for a in range(self.n + 1)])
 
     def __call__(self, bound: float):
         n, pos = self.n, self.pos

@@ -584,12 +584,16 @@ def test_split_on_unlike_stages_equals_brute_force():
         n = base.num_layers
         p = int(rng.integers(2, 5))
         schedule, m = ("gpipe", 4) if trial % 3 == 2 else ("1f1b", (4, 2)[trial % 3])
-        s = Setting(p, m, schedule, 1, "none", 0)
+        # Full recomputation on every fourth: a layer's working set then holds its saved
+        # activations too, so working sets differ between layers.
+        s = Setting(p, m, schedule, 1, "full" if trial % 4 == 3 else "none", 0)
         stages = []
         for _ in range(p):
             t = rng.uniform(0.2, 3.0, n) * rng.uniform(0.5, 2.0)  # this device's speed
             stages.append(dataclasses.replace(base, forward=t, backward=2 * t,
                                               weights=rng.uniform(1.0, 10.0, n) / 2,
+                                              saved=rng.uniform(0.0, 30.0, n),
+                                              transient=rng.uniform(0.0, 10.0, n),
                                               rebuilt=rng.uniform(0.0, 8.0, n)))
         limits = [float(x) for x in rng.uniform(15, 60, p)]
 
@@ -641,3 +645,33 @@ def test_a_fill_stuck_on_alike_stages_under_1f1b_finds_the_split():
     pieces = split(c, s, 10.5)
     assert pieces == [(0, 1), (1, 2), (2, 4)]
     assert max(evaluate_split(c, s, pieces, lambda b: 0.0).stage_memory) <= 10.5
+
+
+def test_a_stage_is_charged_the_working_set_of_its_own_layers():
+    """Under full recomputation a layer's working set holds its saved activations: a
+    stage holds the largest of its own layers', not of the whole model's."""
+    z = np.zeros(4)
+    c = dataclasses.replace(_uniform(2), weights=z, inputs=z, saved=np.array([100.0, 0, 0, 0]))
+    s = Setting(2, 1, "1f1b", 1, "full", 0)
+    pieces = split(c, s, [200.0, 50.0])
+    assert pieces == [(0, 2), (2, 4)]  # even halves: stage 1 does not hold layer 0
+    got = evaluate_split(c, s, pieces, lambda b: 0.0)
+    assert got.stage_memory[0] <= 200.0 and got.stage_memory[1] <= 50.0
+
+
+def test_reach_within_room_equals_a_scan():
+    """`_reach`: the furthest cut whose memory plus the largest working set among its
+    layers fits, as a scan over every cut finds (records of larger working sets in
+    between, ties, and rooms too small for the first layer)."""
+    from meshplan.planner._pipe import _next_larger, _reach
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        n = int(rng.integers(1, 12))
+        mem = np.concatenate([[0.0], np.cumsum(rng.integers(0, 4, n))]).tolist()
+        work = rng.integers(0, 6, n).astype(float).tolist()
+        room = float(rng.integers(0, 14))
+        for a in range(n + 1):
+            for end in range(a, n + 1):
+                want = max([b for b in range(a + 1, end + 1)
+                            if mem[b] <= mem[a] + (room - max(work[a:b]))], default=a)
+                assert _reach(mem, room, (work, _next_larger(work)), a, end) == want
