@@ -255,24 +255,34 @@ def test_stage_split_equals_brute_force_under_memory_limits():
         # first backward pass or at the later ones beside the gradient sums.
         schedule, m = ("gpipe", 4) if trial % 3 == 2 else ("1f1b", (4, 2)[trial % 3])
         s = Setting(p, m, schedule, 1, "none", 0)
-        limit = float(rng.uniform(15, 60))
+        _split_equals_enumeration(c, s, float(rng.uniform(15, 60)), trial)
 
-        def feasible(pieces):
-            got = evaluate_split(c, s, pieces, lambda b: 0.0)
-            return got if max(got.stage_memory) <= limit * (1 + 1e-9) else None
 
-        best = None
-        for cuts in itertools.combinations(range(1, n), p - 1):
-            bounds = (0,) + cuts + (n,)
-            got = feasible(list(zip(bounds, bounds[1:])))
-            if got is not None and (best is None or max(got.stage_time) < best - 1e-12):
-                best = max(got.stage_time)
-        pieces = split(c, s, limit)
-        if best is None:
-            assert pieces is None, trial
-        else:
-            got = feasible(pieces)
-            assert got is not None and max(got.stage_time) == pytest.approx(best), trial
+def _split_equals_enumeration(c, s, limits, trial, rel=1e-6):
+    """`split` finds a split that fits and is as fast as the fastest of every contiguous
+    split that fits, or None if none does (c and limits: one, or one per stage)."""
+    n = (c[0] if isinstance(c, list) else c).num_layers
+    per_stage = limits if isinstance(limits, list) else [limits] * s.p
+
+    def feasible(pieces):
+        got = evaluate_split(c, s, pieces, lambda b: 0.0)
+        ok = all(mem <= lim * (1 + 1e-9) for mem, lim in zip(got.stage_memory, per_stage))
+        return got if ok else None
+
+    best = None
+    for cuts in itertools.combinations(range(1, n), s.p - 1):
+        bounds = (0,) + cuts + (n,)
+        got = feasible(list(zip(bounds, bounds[1:])))
+        if got is not None and (best is None or max(got.stage_time) < best - 1e-12):
+            best = max(got.stage_time)
+    pieces = split(c, s, limits)
+    if best is None:
+        assert pieces is None, trial
+        return
+    assert pieces is not None, trial
+    got = feasible(pieces)
+    assert got is not None and max(got.stage_time) == pytest.approx(best, rel=rel), \
+        (trial, max(got.stage_time), best)
 
 
 @pytest.fixture(scope="module")
@@ -596,26 +606,7 @@ def test_split_on_unlike_stages_equals_brute_force():
                                               transient=rng.uniform(0.0, 10.0, n),
                                               rebuilt=rng.uniform(0.0, 8.0, n)))
         limits = [float(x) for x in rng.uniform(15, 60, p)]
-
-        def feasible(pieces):
-            got = evaluate_split(stages, s, pieces, lambda b: 0.0)
-            ok = all(mem <= lim * (1 + 1e-9) for mem, lim in zip(got.stage_memory, limits))
-            return got if ok else None
-
-        best = None
-        for cuts in itertools.combinations(range(1, n), p - 1):
-            bounds = (0,) + cuts + (n,)
-            got = feasible(list(zip(bounds, bounds[1:])))
-            if got is not None and (best is None or max(got.stage_time) < best - 1e-12):
-                best = max(got.stage_time)
-        pieces = split(stages, s, limits)
-        if best is None:
-            assert pieces is None, trial
-        else:
-            assert pieces is not None, trial
-            got = feasible(pieces)
-            assert got is not None and max(got.stage_time) == pytest.approx(best, rel=1e-5), \
-                (trial, max(got.stage_time), best)
+        _split_equals_enumeration(stages, s, limits, trial, rel=1e-5)
 
 
 def test_a_very_slow_stage_does_not_stop_the_bisection_short():
