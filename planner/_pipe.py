@@ -896,9 +896,7 @@ def _greedy(tms, mems, pieces, bound, rooms, works):
     out = []
     first = 0
     for k in range(pieces):
-        end = n - (pieces - k - 1)
-        if first >= end:
-            return None, False
+        end = n - (pieces - k - 1)  # > first: each earlier piece stopped a layer short
         tm = tms[k]
         phases = list(zip(mems[k], rooms[k], works[k]))
         if k == pieces - 1:

@@ -97,11 +97,11 @@ class Grouping:
         """(producer class, reader class, produced index, slot index) -> executions per
         step of that read, summed over the groups of the reader class."""
         groups, group_of_value = self.groups, self.group_of_value
-        index = {v: i for g in groups for i, v in enumerate(g.produced)}
+        where = self.produced_where
         mults: dict[tuple[int, int, int, int], int] = {}
         for g in groups:
             for si, (mi, k, v, mult) in enumerate(g.slots):
-                key = (groups[group_of_value[v]].cls, g.cls, index[v], si)
+                key = (groups[group_of_value[v]].cls, g.cls, where[v][1], si)
                 mults[key] = mults.get(key, 0) + mult
         return mults
 
@@ -113,14 +113,14 @@ class Grouping:
         only when its producer layout differs from its slot layout. None when a value is
         produced by two groups (then the bucket does not tell its producer layout)."""
         groups, group_of_value = self.groups, self.group_of_value
-        index = {v: i for g in groups for i, v in enumerate(g.produced)}
-        if len(index) != sum(len(g.produced) for g in groups):
+        where = self.produced_where
+        if len(where) != sum(len(g.produced) for g in groups):
             return None
         reads: dict[tuple[int, int, int, int], list[tuple]] = {}
         order = 0
         for g in groups:
             for si, (mi, k, v, mult) in enumerate(g.slots):
-                key = (groups[group_of_value[v]].cls, g.cls, index[v], si)
+                key = (groups[group_of_value[v]].cls, g.cls, where[v][1], si)
                 reads.setdefault(key, []).append(
                     (order, v, g.members[mi].mult if k >= 0 else mult, mult))
                 order += 1

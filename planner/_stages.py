@@ -12,9 +12,9 @@ once (m - 1) * B alone exceeds the best step found.
 
 The stage cost is a callable, so this module knows nothing of graphs. It handles stages of
 different submesh sizes; the search's pipelines have equal stages, for which the sum of stage
-times is fixed and `planner._pipe.split` (a min-max split by bisection over the bound,
-also memory-aware) is exact and faster. This DP is kept for uneven stages (mixed device kinds), where the sum
-varies with the split.
+times is fixed and `planner._pipe.split` (a min-max split by bisection over the bound, also
+memory-aware) is exact and faster. This DP is kept for uneven stages (mixed device kinds),
+where the sum varies with the split.
 
 >>> layer = [1.0] * 8                     # 8 equal layers; t = layers / devices
 >>> cost = lambda first, last, n: sum(layer[first:last]) / n
