@@ -96,7 +96,8 @@ class AutoParallel:
                  donate_argnums: Sequence[int] = (), static_argnums: Sequence[int] = (),
                  memory_limit: float | None = None, constraints: Constraints | None = None,
                  plan: Plan | None = None, roles: Sequence[str] | None = None,
-                 time_limit: float = 3.0, stage_patience: int | None = 2):
+                 time_limit: float = 3.0, stage_patience: int | None = 2,
+                 workers: int | None = None):
         self.fn = fn
         self._cluster = cluster
         self._local: Cluster | None = None
@@ -104,7 +105,7 @@ class AutoParallel:
         self.static_argnums = tuple(static_argnums)
         self.constraints = constraints or Constraints()
         self.options = SearchOptions(memory_limit=memory_limit, time_limit=time_limit,
-                                     stage_patience=stage_patience)
+                                     stage_patience=stage_patience, workers=workers)
         self.roles = roles
         if plan is not None and not isinstance(plan, Plan):
             raise TypeError(f"plan= takes a meshplan Plan, not {type(plan).__name__}; load a "
@@ -486,7 +487,8 @@ def auto_parallel(fn: Callable | None = None, **kwargs):
     apply without solving), roles (role per argument: "param", "opt_state", "data"),
     time_limit (seconds per ILP solve), stage_patience (pipelines: stop adding stages after
     this many stage counts in a row no faster than the best, passing over counts whose
-    best plan recomputes or uses ZeRO-3 unpinned; None tries every count).
+    best plan recomputes or uses ZeRO-3 unpinned; None tries every count), workers
+    (candidate meshes' ILPs solved at once, in threads; default one per CPU).
 
     Example:
         >>> import meshplan as mp

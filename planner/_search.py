@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import numbers
+import os
 import time as _time
-from typing import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -67,6 +70,10 @@ class SearchOptions:
         more stages mostly add bubble and transfers (Narayanan et al., SC 2021, takeaway
         2: model-parallel size just large enough to fit), and each stage count costs an
         ILP per stage mesh.
+      workers: how many candidate meshes' ILPs are built and solved at once, in threads
+        (HiGHS releases the GIL while it solves, so one mesh's LP runs beside the Python
+        that builds the next). None: the CPUs this process may use. The plan does not
+        depend on it, except where a solve runs into `time_limit`.
     """
 
     memory_limit: float | None = None
@@ -74,6 +81,7 @@ class SearchOptions:
     efficiency: Efficiency = Efficiency()
     tie_layers: bool = True
     stage_patience: int | None = 2
+    workers: int | None = None
 
     def __post_init__(self):
         p = self.stage_patience
@@ -81,6 +89,20 @@ class SearchOptions:
                               or p < 1):
             raise ValueError(f"stage_patience={p!r}: give a whole number of stage counts "
                              ">= 1, or None to try every stage count.")
+        w = self.workers
+        if w is not None and (isinstance(w, bool) or not isinstance(w, numbers.Integral)
+                              or w < 1):
+            raise ValueError(f"workers={w!r}: give a whole number of threads >= 1 (1 solves "
+                             "one mesh at a time), or None for one per CPU.")
+
+    def thread_count(self) -> int:
+        """`workers`, or the CPUs this process may use."""
+        if self.workers is not None:
+            return int(self.workers)
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not on Linux
+            return max(1, os.cpu_count() or 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +302,28 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
     return Solved(cand, names, cost, assignment, result, problem)
 
 
+def _concurrently(calls: list[Callable[[], object]], workers: int) -> Iterator:
+    """The results of `calls`, in order, computed up to `workers` at a time in threads.
+
+    Each call is a candidate mesh's ILP (independent of the others): HiGHS solves without
+    the GIL, so on two CPUs one LP runs while the next candidate's problem is built. The
+    memos the calls share (collective times, strategy tables) are filled the same whoever
+    fills them first. Yields each result as soon as it and all before it are done.
+    """
+    if workers <= 1 or len(calls) <= 1:
+        yield from (call() for call in calls)
+        return
+    pool = ThreadPoolExecutor(max_workers=min(workers, len(calls)))
+    try:
+        futures = [pool.submit(call) for call in calls]
+        for f in futures[:-1]:
+            yield f.result()
+        last = futures[-1].result()
+    finally:  # done, a call raised, or the caller stopped: start no more, join the threads
+        pool.shutdown(wait=True, cancel_futures=True)
+    yield last
+
+
 def _unsharded_peaks(view, live) -> list[int]:
     """The slots where the unsharded step holds the most bytes (memoised: every mesh
     candidate with a memory limit starts its rows there)."""
@@ -443,17 +487,21 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
         # stage runs the same layouts): both are tried, each costed on every stage's links.
         measured = cluster.pair_bandwidth is not None or cluster.pair_latency is not None
         tries = [(lead, False) for lead in leads] + ([(leads[0], True)] if measured else [])
-        for cand in stage_candidates(sub, c):
-            tp_size = math.prod(sz for a, sz in zip(cand.names, cand.mesh.shape) if a == "tp")
-            if tp_size in dropped:
-                continue
+        cands = [cand for cand in stage_candidates(sub, c) if _tp_size(cand) not in dropped]
+        # Every (stage mesh, try) ILP of this stage count, solved a few at a time; what
+        # follows each (costing layers, splitting) runs in order, as it shares act_scale.
+        stage_plans = _concurrently([functools.partial(
+            _stage_ilp, view, live, cand, subs[lead], blind, p, opts, aliased, grouping,
+            shared) for cand in cands for lead, blind in tries], opts.thread_count())
+        for cand in cands:
+            tp_size = _tp_size(cand)
             label = f"pp{p} {cand.label}"
             best, ruled_out, least = None, False, math.inf
             for lead, blind in tries:
                 own, got = _stage_pipeline(view, live, cluster, c, opts, aliased, grouping,
                                            shared, layers, in_place, act_scale, cand, p,
                                            chunks, subs, kinds, lead, limits, hop, why,
-                                           blind=blind)
+                                           next(stage_plans), blind=blind)
                 at_p[tp_size] = min(at_p.get(tp_size, math.inf), own)
                 ruled_out = got == "ruled out"
                 if isinstance(got, float):  # nothing fits: the least memory found
@@ -510,25 +558,38 @@ def _memory_bound(pipe: PipelineChoice, c: Constraints) -> bool:
     return (c.remat is None and pipe.remat != "none") or (c.zero is None and pipe.zero >= 3)
 
 
-def _stage_pipeline(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions,
-                    aliased, grouping, shared, layers, in_place, act_scale: dict,
-                    cand: MeshCandidate, p: int, chunks, subs, kinds, lead: int, limits, hop,
-                    why: list[str], blind: bool = False):
-    """The best pipeline of p stages whose shared intra-op plan is solved on stage
-    `lead`'s devices (`blind`: on their tiers, without the measured pair links): (the
-    stage plan's own time, the Solved with its pipeline), with the least memory found
-    (bytes per device) instead of the Solved if no split fits, "ruled out" if the
-    constraints cannot hold on this stage mesh (the reason appended to `why`)."""
+def _tp_size(cand: MeshCandidate) -> int:
+    """The tensor-parallel degree of a stage mesh (its axes named "tp")."""
+    return math.prod(sz for a, sz in zip(cand.names, cand.mesh.shape) if a == "tp")
+
+
+def _stage_ilp(view, live, cand: MeshCandidate, stage: Cluster, blind: bool, p: int,
+               opts: SearchOptions, aliased, grouping, shared) -> Solved:
+    """The intra-op plan every stage of a p-stage pipeline runs, solved on `stage`'s
+    devices (`blind`: on their tiers, without the measured pair links)."""
     # The stage ILP has no memory rows (its whole-step, whole-batch memory is not a
     # stage's), so memory is kept in check by rule, as Megatron-LM does: weights and
     # optimizer state whole over the stage's dp axis (ZeRO over dp is chosen by the
     # pipeline model) and split over tp; weights moved between layouts are priced once per
     # microbatch, for a typical count. The stage's own memory is checked per layer range.
+    on = stage.tiers_only() if blind else stage
+    return solve_candidate(view, live, on, cand, _STAGE_RULES, opts, aliased, float("inf"),
+                           grouping, shared, exact_memory=False,
+                           weight_moves=_typical_microbatches(view, cand, p),
+                           one_program=False)
+
+
+def _stage_pipeline(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions,
+                    aliased, grouping, shared, layers, in_place, act_scale: dict,
+                    cand: MeshCandidate, p: int, chunks, subs, kinds, lead: int, limits, hop,
+                    why: list[str], solved: Solved, blind: bool = False):
+    """The best pipeline of p stages whose shared intra-op plan `solved` was solved on
+    stage `lead`'s devices (`blind`: on their tiers, without the measured pair links, see
+    `_stage_ilp`): (the stage plan's own time, the Solved with its pipeline), with the
+    least memory found (bytes per device) instead of the Solved if no split fits, "ruled
+    out" if the constraints cannot hold on this stage mesh (the reason appended to
+    `why`)."""
     moves = _typical_microbatches(view, cand, p)
-    on = subs[lead].tiers_only() if blind else subs[lead]
-    solved = solve_candidate(view, live, on, cand, _STAGE_RULES, opts, aliased,
-                             float("inf"), grouping, shared, exact_memory=False,
-                             weight_moves=moves, one_program=False)
     dp_axes = tuple(i for i, a in enumerate(solved.axis_names) if a.startswith("dp"))
     if blind:  # the stage plan costed on the stage's own links
         problem, assignment = _on_devices(view, subs[lead], solved, opts, grouping, shared,
@@ -720,9 +781,20 @@ def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraint
     runs: list[tuple[str, Solved]] = []
     # Pipeline settings pinned (microbatches, schedule, recomputation): only pipelines.
     flat = constraints.pp == 1 or (constraints.pp is None and not constraints.pipeline_only())
-    for cand in (candidates(cluster, constraints) if flat else []):
-        solved = solve_candidate(view, live, cluster, cand, constraints, options, aliased, limit,
-                                 grouping, shared)
+    # The meshes' ILPs and the baselines' (each a constrained ILP) are independent: they
+    # are solved together, a few at a time.
+    tasks = [("", cand, constraints) for cand in
+             (candidates(cluster, constraints) if flat else [])]
+    tasks += [(name, cand, bc) for name, bc in (baselines or {}).items()
+              for cand in candidates(cluster, bc)]
+    base_runs: list[tuple[str, Solved]] = []
+    solving = _concurrently([functools.partial(
+        solve_candidate, view, live, cluster, cand, cc, options, aliased, limit, grouping,
+        shared) for _, cand, cc in tasks], options.thread_count())
+    for (name, cand, _), solved in zip(tasks, solving):
+        if name:
+            base_runs.append((name, solved))
+            continue
         runs.append((cand.label, solved))
         if progress:
             progress(f"mesh {cand.label}: {solved.cost.step_time * 1e3:.3f} ms "
@@ -739,11 +811,6 @@ def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraint
     why: list[str] = []  # why pipeline candidates were dropped, for the error below
     pipes = _pipelined(view, live, cluster, constraints, options, aliased, limit, grouping,
                        pairs, progress, shared, why)
-    base_runs: list[tuple[str, Solved]] = []
-    for name, bc in (baselines or {}).items():
-        for cand in candidates(cluster, bc):
-            base_runs.append((name, solve_candidate(view, live, cluster, cand, bc, options,
-                                                    aliased, limit, grouping, shared)))
     fits = [(l, s) for l, s in runs if s.cost.peak_memory <= limit]
     fits += pipes  # each stage already fits its own devices' memory (_pipelined)
     # Hand rules are points of the planner's own search space: if the ILP stopped short of

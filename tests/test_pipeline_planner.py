@@ -2,8 +2,11 @@
 import dataclasses
 import functools
 import itertools
+import json
 import math
 import re
+import threading
+import time
 
 import jax
 import numpy as np
@@ -15,7 +18,7 @@ from meshplan.planner._layers import SPREAD, find_layers
 from meshplan.planner._ops import build_view
 from meshplan.planner._pipe import (LayerCosts, PipelineChoice, Setting, evaluate_split,
                                     split)
-from meshplan.planner._search import _patience_count
+from meshplan.planner._search import _concurrently, _patience_count
 
 
 def _view(name, **kw):
@@ -666,3 +669,47 @@ def test_reach_within_room_equals_a_scan():
                 want = max([b for b in range(a + 1, end + 1)
                             if mem[b] <= mem[a] + (room - max(work[a:b]))], default=a)
                 assert _reach(mem, room, (work, _next_larger(work)), a, end) == want
+
+
+def test_solving_candidates_in_threads_gives_the_plan_of_one_at_a_time():
+    """Meshes' and stage meshes' ILPs solved two at a time (threads) give the same plan,
+    alternatives, baselines and progress messages, in the same order, as one at a time."""
+    ex = make("gpt", layers=4, abstract=True)
+
+    def search(workers):
+        said = []
+        step = mp.auto_parallel(ex.train_step, cluster=mp.clusters.dgx_a100(nodes=4),
+                                workers=workers)
+        plan = step.plan(*ex.args, progress=said.append)
+        doc = json.loads(plan.to_json())
+        doc.pop("solver")
+        # Progress messages carry each solve's seconds; the rest must match.
+        return (doc, [repr(a) for a in plan.alternatives + plan.baselines],
+                [re.sub(r", [0-9.]+ s\)", ")", m) for m in said])
+
+    one, two = search(1), search(2)
+    assert any(m.startswith("pp") for m in one[2])  # pipelines were searched too
+    assert two == one
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="workers"):
+            mp.auto_parallel(ex.train_step, workers=bad)
+
+
+def test_concurrent_results_keep_the_order_of_the_calls_and_raise_their_errors():
+    def call(k, pause):
+        time.sleep(pause)
+        if k == "bad":
+            raise RuntimeError("call failed")
+        return k
+
+    before = threading.active_count()
+    calls = [functools.partial(call, k, pause) for k, pause in
+             enumerate([0.05, 0.0, 0.03, 0.0])]
+    assert list(_concurrently(calls, 3)) == [0, 1, 2, 3]
+    assert list(_concurrently(calls, 1)) == [0, 1, 2, 3]
+    got = []
+    with pytest.raises(RuntimeError, match="call failed"):
+        for x in _concurrently(calls[:2] + [functools.partial(call, "bad", 0.01)], 2):
+            got.append(x)
+    assert got == [0, 1]
+    assert threading.active_count() == before  # every pool was joined
