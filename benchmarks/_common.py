@@ -119,9 +119,14 @@ def environment() -> dict[str, Any]:
 
     try:
         import subprocess
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).resolve().parent,
-                                check=False).stdout.strip() or None
+
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], capture_output=True, text=True,
+                                  cwd=Path(__file__).resolve().parent, check=False).stdout
+        commit = git("rev-parse", "--short", "HEAD").strip() or None
+        # A run from a tree with uncommitted changes to tracked files is not that commit's.
+        if commit and git("status", "--porcelain", "--untracked-files=no").strip():
+            commit += "+changes"
     except OSError:
         commit = None
     return {
