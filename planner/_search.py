@@ -1,6 +1,7 @@
 """The search: logical meshes x device placements, an ILP on each, the best plan kept."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -48,6 +49,9 @@ _MAX_STAGE_KINDS = 4
 # What a pipeline stage's ILP is held to (see _pipelined): weights and optimizer state
 # whole over the stage's dp axis and split over tp.
 _STAGE_RULES = Constraints(zero=0, tp_params=True)
+# Solver statuses that are final whatever the machine's speed; the others (FEASIBLE,
+# LP-ROUNDED, GREEDY) mean a solve ran out of its time limit or fell back.
+_PROVEN = ("OPTIMAL", "INFEASIBLE")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +76,9 @@ class SearchOptions:
         ILP per stage mesh.
       workers: how many candidate meshes' ILPs are built and solved at once, in threads
         (HiGHS releases the GIL while it solves, so one mesh's LP runs beside the Python
-        that builds the next). None: the CPUs this process may use. The plan does not
-        depend on it, except where a solve runs into `time_limit`.
+        that builds the next). None: the CPUs this process may use (its cgroup's quota
+        included). The plan does not depend on it: a solve cut short by `time_limit`
+        beside others is solved again alone (see `_concurrently`).
     """
 
     memory_limit: float | None = None
@@ -97,12 +102,37 @@ class SearchOptions:
 
     def thread_count(self) -> int:
         """`workers`, or the CPUs this process may use."""
-        if self.workers is not None:
-            return int(self.workers)
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # not on Linux
-            return max(1, os.cpu_count() or 1)
+        return int(self.workers) if self.workers is not None else _usable_cpus()
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on, capped by its cgroup's CPU quota (a container
+    limited to 2 CPUs of a 64-core host sees all 64 in its affinity mask)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    return max(1, min(n, math.ceil(quota)) if quota else n)
+
+
+def _cgroup_cpus() -> float | None:
+    """CPUs the cgroup quota allows (cgroup v2 `cpu.max`, else v1 `cpu.cfs_quota_us` over
+    `cpu.cfs_period_us`); None when unlimited or unreadable."""
+    root = "/sys/fs/cgroup"
+    try:
+        with open(f"{root}/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(f"{root}/cpu/cpu.cfs_quota_us") as f, \
+                open(f"{root}/cpu/cpu.cfs_period_us") as g:
+            quota, period = int(f.read()), int(g.read())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +154,9 @@ class Solved:
     problem: object
     pipeline: PipelineChoice | None = None  # set for pipelined plans (mesh: one stage's)
     stage_order: tuple[int, ...] = ()  # all devices, stage by stage
+    # Some solve stopped short of a proven answer (its time limit, or a fallback), so the
+    # plan may depend on how fast the machine was meanwhile (see _concurrently).
+    cut_short: bool = False
 
 
 def candidates(cluster: Cluster, c: Constraints) -> list[MeshCandidate]:
@@ -270,11 +303,12 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
     # No limit (a pipeline stage's plan, whose memory is the split's to check): no rows,
     # and no need for the slots where the unsharded step peaks.
     times = _unsharded_peaks(graph_view, live) if math.isfinite(limit) else []
-    result = None
+    result, cut_short = None, False
     for _ in range(_MEMORY_ROUNDS):
         rows = memory_rows(problem, live, limit, times, aliased) if math.isfinite(limit) \
             else ()
         result = solve(problem, rows, opts.time_limit)
+        cut_short |= result.status not in _PROVEN
         refined, _ = refine(problem, result.choice, rows)
         result = dataclasses.replace(result, choice=refined)
         names = cand.names or tuple(f"a{i}" for i in range(len(cand.mesh.shape)))
@@ -299,29 +333,41 @@ def solve_candidate(graph_view, live, cluster: Cluster, cand: MeshCandidate, c: 
             names[i] for i in axes) for axes in _axis_subsets(len(names))}
         cost = dataclasses.replace(cost, breakdown=tuple((rename.get(k, k), v)
                                                          for k, v in cost.breakdown))
-    return Solved(cand, names, cost, assignment, result, problem)
+    return Solved(cand, names, cost, assignment, result, problem, cut_short=cut_short)
 
 
-def _concurrently(calls: list[Callable[[], object]], workers: int) -> Iterator:
+def _concurrently(calls: list[Callable[[], Solved]], workers: int) -> Iterator[Solved]:
     """The results of `calls`, in order, computed up to `workers` at a time in threads.
 
     Each call is a candidate mesh's ILP (independent of the others): HiGHS solves without
     the GIL, so on two CPUs one LP runs while the next candidate's problem is built. The
     memos the calls share (collective times, strategy tables) are filled the same whoever
     fills them first. Yields each result as soon as it and all before it are done.
+
+    Solves running side by side each take longer, and the time limit is wall-clock time:
+    a solve that finishes alone may run out beside others. So from the first result that
+    was cut short on, the pool is drained, and each later call whose result was cut short
+    runs again, alone (as do the calls that had not started): the plan is then the one a
+    search of one call at a time finds.
     """
     if workers <= 1 or len(calls) <= 1:
         yield from (call() for call in calls)
         return
     pool = ThreadPoolExecutor(max_workers=min(workers, len(calls)))
+    alone_from = len(calls) - 1  # the last result is handed over once the pool is joined
     try:
         futures = [pool.submit(call) for call in calls]
-        for f in futures[:-1]:
+        for k, f in enumerate(futures[:-1]):
+            if f.result().cut_short:
+                alone_from = k
+                break
             yield f.result()
-        last = futures[-1].result()
-    finally:  # done, a call raised, or the caller stopped: start no more, join the threads
+    finally:  # done, cut short, a call raised, or the caller stopped: start no more calls
         pool.shutdown(wait=True, cancel_futures=True)
-    yield last
+    for k in range(alone_from, len(calls)):
+        f = futures[k]
+        got = None if f.cancelled() else f.result()
+        yield calls[k]() if got is None or got.cut_short else got
 
 
 def _unsharded_peaks(view, live) -> list[int]:
@@ -490,38 +536,39 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
         cands = [cand for cand in stage_candidates(sub, c) if _tp_size(cand) not in dropped]
         # Every (stage mesh, try) ILP of this stage count, solved a few at a time; what
         # follows each (costing layers, splitting) runs in order, as it shares act_scale.
-        stage_plans = _concurrently([functools.partial(
-            _stage_ilp, view, live, cand, subs[lead], blind, p, opts, aliased, grouping,
-            shared) for cand in cands for lead, blind in tries], opts.thread_count())
-        for cand in cands:
-            tp_size = _tp_size(cand)
-            label = f"pp{p} {cand.label}"
-            best, ruled_out, least = None, False, math.inf
-            for lead, blind in tries:
-                own, got = _stage_pipeline(view, live, cluster, c, opts, aliased, grouping,
-                                           shared, layers, in_place, act_scale, cand, p,
-                                           chunks, subs, kinds, lead, limits, hop, why,
-                                           next(stage_plans), blind=blind)
-                at_p[tp_size] = min(at_p.get(tp_size, math.inf), own)
-                ruled_out = got == "ruled out"
-                if isinstance(got, float):  # nothing fits: the least memory found
-                    least = min(least, got)
-                if isinstance(got, Solved) and (
-                        best is None or got.pipeline.step_time < best.pipeline.step_time):
-                    best = got
-            if ruled_out:
-                continue  # the constraints cannot hold on this stage mesh (in `why`)
-            if progress:
-                progress(f"{label}: " + ("no split fits" if best is None else
-                                         f"{best.pipeline.step_time * 1e3:.3f} ms "
-                                         f"(remat={best.pipeline.remat} "
-                                         f"ZeRO-{best.pipeline.zero})"))
-            if best is None:
-                why.append(f"{label}: no split of the layers fits {_bytes(limit)} per device"
-                           + (f" ({_LEAST_MEMORY}: {_bytes(least)})"
-                              if math.isfinite(least) else ""))
-                continue
-            runs.append((label, best))
+        ilps = [functools.partial(_stage_ilp, view, live, cand, subs[lead], blind, p, opts,
+                                  aliased, grouping, shared)
+                for cand in cands for lead, blind in tries]
+        with contextlib.closing(_concurrently(ilps, opts.thread_count())) as stage_plans:
+            for cand in cands:
+                tp_size = _tp_size(cand)
+                label = f"pp{p} {cand.label}"
+                best, ruled_out, least = None, False, math.inf
+                for lead, blind in tries:
+                    own, got = _stage_pipeline(view, live, cluster, c, opts, aliased, grouping,
+                                               shared, layers, in_place, act_scale, cand, p,
+                                               chunks, subs, kinds, lead, limits, hop, why,
+                                               next(stage_plans), blind=blind)
+                    at_p[tp_size] = min(at_p.get(tp_size, math.inf), own)
+                    ruled_out = got == "ruled out"
+                    if isinstance(got, float):  # nothing fits: the least memory found
+                        least = min(least, got)
+                    if isinstance(got, Solved) and (
+                            best is None or got.pipeline.step_time < best.pipeline.step_time):
+                        best = got
+                if ruled_out:
+                    continue  # the constraints cannot hold on this stage mesh (in `why`)
+                if progress:
+                    progress(f"{label}: " + ("no split fits" if best is None else
+                                             f"{best.pipeline.step_time * 1e3:.3f} ms "
+                                             f"(remat={best.pipeline.remat} "
+                                             f"ZeRO-{best.pipeline.zero})"))
+                if best is None:
+                    why.append(f"{label}: no split of the layers fits {_bytes(limit)} per device"
+                               + (f" ({_LEAST_MEMORY}: {_bytes(least)})"
+                                  if math.isfinite(least) else ""))
+                    continue
+                runs.append((label, best))
         # A tensor-parallel degree whose stage plan is slower (compute and collectives,
         # memory aside) than the best by more than this margin with p stages is not tried
         # with more: that trade-off between tp and dp inside a stage changes little with
@@ -788,17 +835,17 @@ def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraint
     tasks += [(name, cand, bc) for name, bc in (baselines or {}).items()
               for cand in candidates(cluster, bc)]
     base_runs: list[tuple[str, Solved]] = []
-    solving = _concurrently([functools.partial(
-        solve_candidate, view, live, cluster, cand, cc, options, aliased, limit, grouping,
-        shared) for _, cand, cc in tasks], options.thread_count())
-    for (name, cand, _), solved in zip(tasks, solving):
-        if name:
-            base_runs.append((name, solved))
-            continue
-        runs.append((cand.label, solved))
-        if progress:
-            progress(f"mesh {cand.label}: {solved.cost.step_time * 1e3:.3f} ms "
-                     f"({solved.result.status}, {solved.result.wall_time:.2f} s)")
+    ilps = [functools.partial(solve_candidate, view, live, cluster, cand, cc, options,
+                              aliased, limit, grouping, shared) for _, cand, cc in tasks]
+    with contextlib.closing(_concurrently(ilps, options.thread_count())) as solving:
+        for (name, cand, _), solved in zip(tasks, solving):
+            if name:
+                base_runs.append((name, solved))
+                continue
+            runs.append((cand.label, solved))
+            if progress:
+                progress(f"mesh {cand.label}: {solved.cost.step_time * 1e3:.3f} ms "
+                         f"({solved.result.status}, {solved.result.wall_time:.2f} s)")
     # Placement search on the most promising meshes only: it re-times every collective per
     # swap tried and re-solves the ILP, and a slow mesh seldom overtakes the best by
     # placement alone.

@@ -7,6 +7,7 @@ import math
 import re
 import threading
 import time
+import types
 
 import jax
 import numpy as np
@@ -671,28 +672,52 @@ def test_reach_within_room_equals_a_scan():
                 assert _reach(mem, room, (work, _next_larger(work)), a, end) == want
 
 
+def _threaded_search(workers, layers=4):
+    """A pipelined 4-node search's plan (solver timings aside), alternatives, baselines
+    and progress messages (their solve seconds aside)."""
+    ex = make("gpt", layers=layers, abstract=True)
+    said = []
+    step = mp.auto_parallel(ex.train_step, cluster=mp.clusters.dgx_a100(nodes=4),
+                            workers=workers)
+    plan = step.plan(*ex.args, progress=said.append)
+    doc = json.loads(plan.to_json())
+    doc.pop("solver")
+    return (doc, [repr(a) for a in plan.alternatives + plan.baselines],
+            [re.sub(r", [0-9.]+ s\)", ")", m) for m in said])
+
+
 def test_solving_candidates_in_threads_gives_the_plan_of_one_at_a_time():
     """Meshes' and stage meshes' ILPs solved two at a time (threads) give the same plan,
     alternatives, baselines and progress messages, in the same order, as one at a time."""
-    ex = make("gpt", layers=4, abstract=True)
-
-    def search(workers):
-        said = []
-        step = mp.auto_parallel(ex.train_step, cluster=mp.clusters.dgx_a100(nodes=4),
-                                workers=workers)
-        plan = step.plan(*ex.args, progress=said.append)
-        doc = json.loads(plan.to_json())
-        doc.pop("solver")
-        # Progress messages carry each solve's seconds; the rest must match.
-        return (doc, [repr(a) for a in plan.alternatives + plan.baselines],
-                [re.sub(r", [0-9.]+ s\)", ")", m) for m in said])
-
-    one, two = search(1), search(2)
+    one, two = _threaded_search(1), _threaded_search(2)
     assert any(m.startswith("pp") for m in one[2])  # pipelines were searched too
     assert two == one
     for bad in (0, True, 1.5):
         with pytest.raises(ValueError, match="workers"):
-            mp.auto_parallel(ex.train_step, workers=bad)
+            mp.auto_parallel(make("mlp").train_step, workers=bad)
+
+
+def test_a_solve_cut_short_beside_others_is_solved_again_alone(monkeypatch):
+    """Solves side by side take longer, and time limits are wall-clock: a solve that runs
+    out beside others is solved again with nothing else running, so the plan is still the
+    one-at-a-time plan. Here every solve run in a worker thread 'runs out' (answers with
+    the greedy plan, status GREEDY)."""
+    import meshplan.planner._ilp as ilp
+    import meshplan.planner._search as search
+
+    one = _threaded_search(1)
+    real = search.solve
+
+    def out_of_time_in_threads(problem, rows=(), time_limit=10.0):
+        result = real(problem, rows, time_limit)
+        if threading.current_thread() is threading.main_thread():
+            return result
+        choice = ilp.greedy(problem)
+        return dataclasses.replace(result, choice=choice, status="GREEDY",
+                                   objective=ilp.model_objective(problem, choice))
+
+    monkeypatch.setattr(search, "solve", out_of_time_in_threads)
+    assert _threaded_search(2) == one
 
 
 def test_concurrent_results_keep_the_order_of_the_calls_and_raise_their_errors():
@@ -700,16 +725,42 @@ def test_concurrent_results_keep_the_order_of_the_calls_and_raise_their_errors()
         time.sleep(pause)
         if k == "bad":
             raise RuntimeError("call failed")
-        return k
+        return types.SimpleNamespace(k=k, cut_short=False)
 
     before = threading.active_count()
     calls = [functools.partial(call, k, pause) for k, pause in
              enumerate([0.05, 0.0, 0.03, 0.0])]
-    assert list(_concurrently(calls, 3)) == [0, 1, 2, 3]
-    assert list(_concurrently(calls, 1)) == [0, 1, 2, 3]
+    assert [r.k for r in _concurrently(calls, 3)] == [0, 1, 2, 3]
+    assert [r.k for r in _concurrently(calls, 1)] == [0, 1, 2, 3]
     got = []
     with pytest.raises(RuntimeError, match="call failed"):
         for x in _concurrently(calls[:2] + [functools.partial(call, "bad", 0.01)], 2):
-            got.append(x)
+            got.append(x.k)
     assert got == [0, 1]
+    # A consumer that stops early (closing the generator) joins the pool too.
+    gen = _concurrently(calls, 2)
+    assert next(gen).k == 0
+    gen.close()
     assert threading.active_count() == before  # every pool was joined
+
+
+def test_concurrent_calls_cut_short_run_again_with_nothing_else_running():
+    """From the first result cut short on, each result cut short is recomputed alone."""
+    running, runs = [0], []
+    lock = threading.Lock()
+
+    def call(k):
+        with lock:
+            running[0] += 1
+        time.sleep(0.05)
+        with lock:
+            crowded = running[0] > 1
+            running[0] -= 1
+        runs.append(k)
+        # Calls 1 and 3 "run out of time" whenever another call runs beside them.
+        return types.SimpleNamespace(k=k, alone=not crowded, cut_short=crowded and k in (1, 3))
+
+    got = list(_concurrently([functools.partial(call, k) for k in range(5)], 2))
+    assert [r.k for r in got] == list(range(5))
+    assert got[1].alone and got[3].alone and not any(r.cut_short for r in got)
+    assert runs.count(1) == 2 and runs.count(0) == 1
