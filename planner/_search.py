@@ -828,6 +828,11 @@ def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraint
     runs: list[tuple[str, Solved]] = []
     # Pipeline settings pinned (microbatches, schedule, recomputation): only pipelines.
     flat = constraints.pp == 1 or (constraints.pp is None and not constraints.pipeline_only())
+    why: list[str] = []  # why pipeline candidates were dropped, for the error below
+    pipes = None
+    if not flat:  # only pipelines: a pinned pp that cannot be met is said before any ILP
+        pipes = _pipelined(view, live, cluster, constraints, options, aliased, limit,
+                           grouping, pairs, progress, shared, why)
     # The meshes' ILPs and the baselines' (each a constrained ILP) are independent: they
     # are solved together, a few at a time.
     tasks = [("", cand, constraints) for cand in
@@ -855,9 +860,9 @@ def search(graph: Graph, cluster: Cluster, constraints: Constraints = Constraint
         runs[k] = (runs[k][0], _improve_placement(runs[k][1], view, live, cluster,
                                                   constraints, options, aliased, limit,
                                                   grouping, shared, progress))
-    why: list[str] = []  # why pipeline candidates were dropped, for the error below
-    pipes = _pipelined(view, live, cluster, constraints, options, aliased, limit, grouping,
-                       pairs, progress, shared, why)
+    if pipes is None:
+        pipes = _pipelined(view, live, cluster, constraints, options, aliased, limit,
+                           grouping, pairs, progress, shared, why)
     fits = [(l, s) for l, s in runs if s.cost.peak_memory <= limit]
     fits += pipes  # each stage already fits its own devices' memory (_pipelined)
     # Hand rules are points of the planner's own search space: if the ILP stopped short of

@@ -364,6 +364,24 @@ def test_pipeline_constraints_are_checked_with_remedies():
     assert pipeline_degrees(8, 8, pinned, 8) == [4]
 
 
+def test_a_pinned_pp_that_cannot_be_met_is_refused_before_any_ilp(monkeypatch):
+    """The baselines' ILPs are solved beside the meshes'; a pinned pipeline is checked
+    first, so its error does not wait for them."""
+    import meshplan.planner._search as search
+
+    ex = make("gpt", layers=4)
+    solved = []
+    real = search.solve_candidate
+    monkeypatch.setattr(search, "solve_candidate",
+                        lambda *a, **k: solved.append(1) or real(*a, **k))
+    step = mp.auto_parallel(ex.train_step, time_limit=2)
+    with pytest.raises(ValueError, match=r"pp among \[2, 4\]\)"):
+        step.plan(*ex.args, constraints=mp.Constraints(pp=3))  # baselines compared too
+    assert solved == []
+    step.plan(*ex.args, constraints=mp.Constraints(pp=2))
+    assert solved  # the same search with a pp that fits solves ILPs
+
+
 def test_when_nothing_fits_the_error_names_the_smallest_memory_that_would(gpt4):
     step = mp.auto_parallel(gpt4.train_step, cluster=mp.clusters.dgx_a100(nodes=1),
                             memory_limit=1e5)
