@@ -536,11 +536,12 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
         cands = [cand for cand in stage_candidates(sub, c) if _tp_size(cand) not in dropped]
         # Every (stage mesh, try) ILP of this stage count, solved a few at a time; what
         # follows each (costing layers, splitting) runs in order, as it shares act_scale.
-        ilps = [functools.partial(_stage_ilp, view, live, cand, subs[lead], blind, p, opts,
+        moves = [_typical_microbatches(view, cand, p) for cand in cands]
+        ilps = [functools.partial(_stage_ilp, view, live, cand, subs[lead], blind, m, opts,
                                   aliased, grouping, shared)
-                for cand in cands for lead, blind in tries]
+                for cand, m in zip(cands, moves) for lead, blind in tries]
         with contextlib.closing(_concurrently(ilps, opts.thread_count())) as stage_plans:
-            for cand in cands:
+            for cand, m in zip(cands, moves):
                 tp_size = _tp_size(cand)
                 label = f"pp{p} {cand.label}"
                 best, ruled_out, least = None, False, math.inf
@@ -548,7 +549,7 @@ def _pipelined(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions
                     own, got = _stage_pipeline(view, live, cluster, c, opts, aliased, grouping,
                                                shared, layers, in_place, act_scale, cand, p,
                                                chunks, subs, kinds, lead, limits, hop, why,
-                                               next(stage_plans), blind=blind)
+                                               next(stage_plans), m, blind=blind)
                     at_p[tp_size] = min(at_p.get(tp_size, math.inf), own)
                     ruled_out = got == "ruled out"
                     if isinstance(got, float):  # nothing fits: the least memory found
@@ -610,10 +611,11 @@ def _tp_size(cand: MeshCandidate) -> int:
     return math.prod(sz for a, sz in zip(cand.names, cand.mesh.shape) if a == "tp")
 
 
-def _stage_ilp(view, live, cand: MeshCandidate, stage: Cluster, blind: bool, p: int,
+def _stage_ilp(view, live, cand: MeshCandidate, stage: Cluster, blind: bool, moves: float,
                opts: SearchOptions, aliased, grouping, shared) -> Solved:
-    """The intra-op plan every stage of a p-stage pipeline runs, solved on `stage`'s
-    devices (`blind`: on their tiers, without the measured pair links)."""
+    """The intra-op plan every stage of a pipeline runs, solved on `stage`'s devices
+    (`blind`: on their tiers, without the measured pair links), weight moves priced for
+    `moves` microbatches (`_typical_microbatches`)."""
     # The stage ILP has no memory rows (its whole-step, whole-batch memory is not a
     # stage's), so memory is kept in check by rule, as Megatron-LM does: weights and
     # optimizer state whole over the stage's dp axis (ZeRO over dp is chosen by the
@@ -621,22 +623,20 @@ def _stage_ilp(view, live, cand: MeshCandidate, stage: Cluster, blind: bool, p: 
     # microbatch, for a typical count. The stage's own memory is checked per layer range.
     on = stage.tiers_only() if blind else stage
     return solve_candidate(view, live, on, cand, _STAGE_RULES, opts, aliased, float("inf"),
-                           grouping, shared, exact_memory=False,
-                           weight_moves=_typical_microbatches(view, cand, p),
+                           grouping, shared, exact_memory=False, weight_moves=moves,
                            one_program=False)
 
 
 def _stage_pipeline(view, live, cluster: Cluster, c: Constraints, opts: SearchOptions,
                     aliased, grouping, shared, layers, in_place, act_scale: dict,
                     cand: MeshCandidate, p: int, chunks, subs, kinds, lead: int, limits, hop,
-                    why: list[str], solved: Solved, blind: bool = False):
+                    why: list[str], solved: Solved, moves: float, blind: bool = False):
     """The best pipeline of p stages whose shared intra-op plan `solved` was solved on
-    stage `lead`'s devices (`blind`: on their tiers, without the measured pair links, see
-    `_stage_ilp`): (the stage plan's own time, the Solved with its pipeline), with the
-    least memory found (bytes per device) instead of the Solved if no split fits, "ruled
-    out" if the constraints cannot hold on this stage mesh (the reason appended to
-    `why`)."""
-    moves = _typical_microbatches(view, cand, p)
+    stage `lead`'s devices (`blind`: on their tiers, without the measured pair links),
+    weight moves priced for `moves` microbatches (see `_stage_ilp`): (the stage plan's
+    own time, the Solved with its pipeline), with the least memory found (bytes per
+    device) instead of the Solved if no split fits, "ruled out" if the constraints cannot
+    hold on this stage mesh (the reason appended to `why`)."""
     dp_axes = tuple(i for i, a in enumerate(solved.axis_names) if a.startswith("dp"))
     if blind:  # the stage plan costed on the stage's own links
         problem, assignment = _on_devices(view, subs[lead], solved, opts, grouping, shared,
